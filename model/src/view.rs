@@ -1,0 +1,385 @@
+//! The compiled node view the control plane pushes to every agent, and the
+//! frames of the push stream. Agents never see raw objects: a Service arrives
+//! as one [`ServiceEntry`] (its frontends and every backend from all of its
+//! EndpointSlices), a Node as one [`NodeEntry`] (subnet and overlay endpoint).
+//!
+//! Entries name each backend's node instead of carrying a per-node "local"
+//! bit, so one encoding serves every subscriber; an agent derives locality
+//! with [`Backend::is_local`].
+//!
+//! Wire format: newline-delimited JSON, one [`StreamFrame`] per line.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// L4 protocol of a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    TCP,
+    UDP,
+    SCTP,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::TCP),
+            "UDP" => Some(Protocol::UDP),
+            "SCTP" => Some(Protocol::SCTP),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::TCP => "TCP",
+            Protocol::UDP => "UDP",
+            Protocol::SCTP => "SCTP",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// One port of a Service's frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendPort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+}
+
+/// A backend's port for one named Service port (the resolved targetPort).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendPort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// One endpoint address of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub ip: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Endpoint hostname (DNS records for headless Services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The target (`namespace/name` of the Pod), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub ports: Vec<BackendPort>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Backend {
+    /// Whether this backend runs on `node`.
+    pub fn is_local(&self, node: &str) -> bool {
+        self.node.as_deref() == Some(node)
+    }
+
+    /// The backend's port for the Service port named `name` with `protocol`.
+    pub fn port_for(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+/// A Service compiled for agents: frontends, policies and every backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub service_type: ServiceType,
+    /// Cluster IPs (empty for headless and ExternalName Services).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<FrontendPort>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `None` when affinity is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external_local: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal_local: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_not_ready: bool,
+    /// False when another proxy owns the Service (`service.kubernetes.io/service-proxy-name`
+    /// or `service.kubernetes.io/headless` labels): DNS still serves it, dataplanes skip it.
+    pub proxied: bool,
+    /// `weft.dev/*` annotations (per-Service dataplane options).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
+}
+
+impl ServiceEntry {
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// A Node compiled for agents: its pod subnet and overlay endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+    /// VXLAN tunnel endpoint: underlay address and MAC of the node's VTEP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<String>,
+    pub ready: bool,
+}
+
+/// One change inside a delta.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op")]
+pub enum Change {
+    /// Add or replace a Service entry.
+    Service {
+        service: ServiceEntry,
+    },
+    ServiceRemoved {
+        namespace: String,
+        name: String,
+    },
+    /// Add or replace a Node entry.
+    Node {
+        node: NodeEntry,
+    },
+    NodeRemoved {
+        name: String,
+    },
+}
+
+/// One frame of the push stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum StreamFrame {
+    /// The whole view at `rev`: replaces whatever the agent held.
+    Reset {
+        rev: u64,
+        services: Vec<ServiceEntry>,
+        nodes: Vec<NodeEntry>,
+    },
+    /// Changes that take the view from the previous revision to `rev`.
+    Delta { rev: u64, changes: Vec<Change> },
+    /// Keep-alive; `rev` is the newest revision sent so far.
+    Ping { rev: u64 },
+}
+
+impl StreamFrame {
+    /// Encode as one line of the stream (JSON + `\n`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    pub fn decode(line: &[u8]) -> Result<StreamFrame, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+
+    pub fn rev(&self) -> u64 {
+        match self {
+            StreamFrame::Reset { rev, .. }
+            | StreamFrame::Delta { rev, .. }
+            | StreamFrame::Ping { rev } => *rev,
+        }
+    }
+}
+
+/// Why a frame could not be applied to a view.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ViewError {
+    #[error("delta at revision {got} does not follow revision {have}")]
+    OutOfOrder { have: u64, got: u64 },
+    #[error("delta received before any reset")]
+    NoReset,
+}
+
+/// What an agent holds: the latest view and its revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    pub rev: u64,
+    /// False until the first Reset.
+    pub synced: bool,
+    pub services: BTreeMap<(String, String), ServiceEntry>,
+    pub nodes: BTreeMap<String, NodeEntry>,
+}
+
+impl NodeView {
+    /// Apply one frame. A Reset replaces everything; a Delta must be newer.
+    pub fn apply(&mut self, frame: StreamFrame) -> Result<(), ViewError> {
+        match frame {
+            StreamFrame::Reset {
+                rev,
+                services,
+                nodes,
+            } => {
+                self.rev = rev;
+                self.synced = true;
+                self.services = services.into_iter().map(|s| (s.key(), s)).collect();
+                self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+            }
+            StreamFrame::Delta { rev, changes } => {
+                if !self.synced {
+                    return Err(ViewError::NoReset);
+                }
+                if rev <= self.rev {
+                    return Err(ViewError::OutOfOrder {
+                        have: self.rev,
+                        got: rev,
+                    });
+                }
+                for c in changes {
+                    match c {
+                        Change::Service { service } => {
+                            self.services.insert(service.key(), service);
+                        }
+                        Change::ServiceRemoved { namespace, name } => {
+                            self.services.remove(&(namespace, name));
+                        }
+                        Change::Node { node } => {
+                            self.nodes.insert(node.name.clone(), node);
+                        }
+                        Change::NodeRemoved { name } => {
+                            self.nodes.remove(&name);
+                        }
+                    }
+                }
+                self.rev = rev;
+            }
+            StreamFrame::Ping { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> ServiceEntry {
+        ServiceEntry {
+            namespace: "default".into(),
+            name: name.into(),
+            service_type: ServiceType::ClusterIP,
+            cluster_ips: vec![ip.parse().unwrap()],
+            headless: false,
+            external_name: None,
+            ports: vec![FrontendPort {
+                name: "http".into(),
+                protocol: Protocol::TCP,
+                port: 80,
+                node_port: None,
+            }],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity_timeout: None,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+            publish_not_ready: false,
+            proxied: true,
+            options: BTreeMap::new(),
+            backends: vec![Backend {
+                ip: "198.18.128.2".parse().unwrap(),
+                node: Some("n1".into()),
+                hostname: None,
+                target: Some("default/web-0".into()),
+                zone: None,
+                ports: vec![BackendPort {
+                    name: "http".into(),
+                    protocol: Protocol::TCP,
+                    port: 8080,
+                }],
+                ready: true,
+                serving: true,
+                terminating: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_apply_in_order() {
+        let mut view = NodeView::default();
+        let delta = StreamFrame::Delta {
+            rev: 3,
+            changes: vec![],
+        };
+        assert_eq!(view.apply(delta.clone()), Err(ViewError::NoReset));
+
+        let reset = StreamFrame::Reset {
+            rev: 2,
+            services: vec![svc("a", "198.19.0.5")],
+            nodes: vec![],
+        };
+        let line = reset.encode();
+        assert_eq!(line.last(), Some(&b'\n'));
+        let back = StreamFrame::decode(&line[..line.len() - 1]).unwrap();
+        assert_eq!(back, reset);
+        view.apply(back).unwrap();
+        assert_eq!(view.rev, 2);
+        assert!(view.services[&("default".into(), "a".into())].backends[0].is_local("n1"));
+
+        let d = StreamFrame::Delta {
+            rev: 5,
+            changes: vec![
+                Change::Service {
+                    service: svc("b", "198.19.0.6"),
+                },
+                Change::ServiceRemoved {
+                    namespace: "default".into(),
+                    name: "a".into(),
+                },
+            ],
+        };
+        view.apply(StreamFrame::decode(&d.encode()).unwrap())
+            .unwrap();
+        assert_eq!(view.rev, 5);
+        assert_eq!(view.services.len(), 1);
+        assert_eq!(
+            view.apply(StreamFrame::Delta {
+                rev: 5,
+                changes: vec![]
+            }),
+            Err(ViewError::OutOfOrder { have: 5, got: 5 })
+        );
+    }
+}

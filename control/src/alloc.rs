@@ -396,13 +396,13 @@ mod tests {
         // dynamic allocation avoids the static band (first 16 of a /24)
         let ip = a.allocate_next().unwrap();
         assert!(u32::from(ip) & 0xff >= 16, "{ip}");
-        // all 253 usable addresses can be taken exactly once
+        // all 254 usable addresses (.1 to .254) can be taken exactly once
         let mut seen = std::collections::HashSet::from([ip, "198.19.0.10".parse().unwrap()]);
         while let Ok(ip) = a.allocate_next() {
             assert!(seen.insert(ip), "{ip} handed out twice");
         }
-        assert_eq!(seen.len(), 254 - 1);
-        assert_eq!(a.used(), 253);
+        assert_eq!(seen.len(), 254);
+        assert_eq!(a.used(), 254);
         // a released IP is free again, and only once
         a.release("198.19.0.10".parse().unwrap());
         assert_eq!(

@@ -140,9 +140,7 @@ pub fn validate_update(old: &Object, new: &Object, ctx: &ValidationContext) -> V
             (Object::Node(o), Object::Node(n)) => validate_node_update(o, n, &mut errs),
             (Object::Pod(o), Object::Pod(n)) => validate_pod_update(o, n, &mut errs),
             (Object::EndpointSlice(o), Object::EndpointSlice(n)) => {
-                if o.address_type != n.address_type {
-                    errs.invalid(&Path::new("addressType"), &n.address_type, IMMUTABLE);
-                }
+                validate_endpoint_slice_update(o, n, &mut errs)
             }
             _ => {}
         }
@@ -1619,6 +1617,13 @@ fn validate_endpoint(ep: &Endpoint, address_type: &str, path: &Path, errs: &mut 
     }
 }
 
+/// A slice's addresses are all of one type, fixed at creation.
+fn validate_endpoint_slice_update(old: &EndpointSlice, new: &EndpointSlice, errs: &mut Errors) {
+    if old.address_type != new.address_type {
+        errs.invalid(&Path::new("addressType"), &new.address_type, IMMUTABLE);
+    }
+}
+
 /// `validation.IsFullyQualifiedDomainName`: a subdomain of at least two
 /// labels, optionally ending in a dot.
 fn validate_fqdn(raw: &str, path: &Path, errs: &mut Errors) {
@@ -1673,5 +1678,1355 @@ fn validate_endpoint_ports(ports: &[EndpointPort], path: &Path, errs: &mut Error
         if let Some(app) = &port.app_protocol {
             errs.invalid_each(&p.child("appProtocol"), app, qualified_name_errors(app));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn obj(v: Value) -> Object {
+        Object::from_value(v).unwrap()
+    }
+
+    fn errors(v: Value) -> Vec<String> {
+        validate_object(&obj(v), &ValidationContext::default())
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    fn update_errors(old: Value, new: Value) -> Vec<String> {
+        validate_update(&obj(old), &obj(new), &ValidationContext::default())
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    fn assert_has(errs: &[String], want: &str) {
+        assert!(
+            errs.iter().any(|e| e == want),
+            "missing {want:?} in {errs:#?}"
+        );
+    }
+
+    fn assert_clean(errs: &[String]) {
+        assert!(errs.is_empty(), "unexpected errors: {errs:#?}");
+    }
+
+    fn svc(spec: Value) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": spec,
+        })
+    }
+
+    fn pod(spec: Value) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": "default"},
+            "spec": spec,
+        })
+    }
+
+    fn node(spec: Value, status: Value) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a"},
+            "spec": spec,
+            "status": status,
+        })
+    }
+
+    fn slice(address_type: &str, endpoints: Value, ports: Value) -> Value {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc12", "namespace": "default"},
+            "addressType": address_type,
+            "endpoints": endpoints,
+            "ports": ports,
+        })
+    }
+
+    fn namespace(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    }
+
+    // --- rendering -------------------------------------------------------
+
+    #[test]
+    fn display_matches_kubernetes_for_key_examples() {
+        let e = errors(svc(json!({"ports": [{"port": 70000}]})));
+        assert_has(
+            &e,
+            "spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
+        );
+
+        let e = errors(svc(json!({"ports": [{"port": 80, "protocol": "SCTPX"}]})));
+        assert_has(
+            &e,
+            r#"spec.ports[0].protocol: Unsupported value: "SCTPX": supported values: "SCTP", "TCP", "UDP""#,
+        );
+
+        let e = errors(svc(json!({"ports": [
+            {"name": "http", "port": 80},
+            {"name": "http", "port": 81},
+        ]})));
+        assert_eq!(e, vec![r#"spec.ports[1].name: Duplicate value: "http""#]);
+
+        let e = errors(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default"},
+            "spec": {"ports": [{"port": 80}]},
+        }));
+        assert_eq!(
+            e,
+            vec!["metadata.name: Required value: name or generateName is required"]
+        );
+
+        let e = errors(svc(json!({"ports": [{"port": 80, "nodePort": 30080}]})));
+        assert_eq!(
+            e,
+            vec!["spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"]
+        );
+    }
+
+    #[test]
+    fn reason_and_message() {
+        let errs = validate_object(
+            &obj(svc(json!({"ports": [{"port": 0}]}))),
+            &ValidationContext::default(),
+        );
+        assert_eq!(errs.len(), 1);
+        let e = &errs[0];
+        assert_eq!(e.kind, FieldErrorKind::Invalid);
+        assert_eq!(e.reason(), "FieldValueInvalid");
+        assert_eq!(e.field, "spec.ports[0].port");
+        assert_eq!(e.value.as_deref(), Some("0"));
+        assert_eq!(
+            e.message(),
+            "Invalid value: 0: must be between 1 and 65535, inclusive"
+        );
+        let required = FieldError {
+            kind: FieldErrorKind::Required,
+            field: "spec.ports".into(),
+            value: None,
+            detail: String::new(),
+        };
+        assert_eq!(required.to_string(), "spec.ports: Required value");
+        assert_eq!(required.reason(), "FieldValueRequired");
+    }
+
+    #[test]
+    fn strings_are_quoted_like_go() {
+        assert_eq!(go_quote("abc"), r#""abc""#);
+        assert_eq!(go_quote("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(go_quote("a\nb\t\u{1}"), r#""a\nb\t\x01""#);
+        assert_eq!(go_quote("é"), "\"é\"");
+        assert_eq!(go_quote("\u{a0}"), r#""\u00a0""#);
+    }
+
+    // --- syntax checks -----------------------------------------------------
+
+    #[test]
+    fn dns_label_and_subdomain_messages() {
+        assert!(dns1123_label_errors("my-name").is_empty());
+        assert!(dns1123_label_errors("123-abc").is_empty());
+        assert_eq!(
+            dns1123_label_errors("Bad_Name"),
+            vec!["a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"]
+        );
+        assert_eq!(dns1123_label_errors("a.b"), vec!["must not contain dots"]);
+        assert_eq!(
+            dns1123_label_errors(&"a".repeat(64)),
+            vec!["must be no more than 63 characters"]
+        );
+        assert!(!dns1123_label_errors("").is_empty());
+        assert!(!dns1123_label_errors("-a").is_empty());
+        assert!(!dns1123_label_errors("a-").is_empty());
+
+        assert!(dns1123_subdomain_errors("example.com").is_empty());
+        assert!(dns1123_subdomain_errors("a").is_empty());
+        assert_eq!(
+            dns1123_subdomain_errors("a..b"),
+            vec!["a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"]
+        );
+        assert!(!dns1123_subdomain_errors(".a").is_empty());
+        assert!(!dns1123_subdomain_errors("a.").is_empty());
+        assert!(!dns1123_subdomain_errors("A.b").is_empty());
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert_eq!(
+            dns1123_subdomain_errors(&long),
+            vec!["must be no more than 253 characters"]
+        );
+
+        assert!(dns1035_label_errors("web").is_empty());
+        assert!(dns1035_label_errors("a").is_empty());
+        assert_eq!(
+            dns1035_label_errors("1web"),
+            vec!["a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"]
+        );
+    }
+
+    #[test]
+    fn iana_service_names() {
+        for ok in ["http", "h2c", "dns-tcp", "a", "abcdefghijklmno"] {
+            assert!(iana_svc_name_errors(ok).is_empty(), "{ok}");
+        }
+        assert_eq!(
+            iana_svc_name_errors("abcdefghijklmnop"),
+            vec!["must be no more than 15 characters"]
+        );
+        assert_eq!(
+            iana_svc_name_errors("HTTP"),
+            vec![
+                "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)",
+                "must contain at least one letter (a-z)",
+            ]
+        );
+        assert_eq!(
+            iana_svc_name_errors("8080"),
+            vec!["must contain at least one letter (a-z)"]
+        );
+        assert_eq!(
+            iana_svc_name_errors("a--b"),
+            vec!["must not contain consecutive hyphens"]
+        );
+        assert_eq!(
+            iana_svc_name_errors("-ab"),
+            vec!["must not begin or end with a hyphen"]
+        );
+        assert!(!iana_svc_name_errors("").is_empty());
+    }
+
+    #[test]
+    fn label_keys_and_values() {
+        for ok in [
+            "app",
+            "App.Name_1",
+            "example.com/app",
+            "kubernetes.io/service-name",
+            "a",
+        ] {
+            assert_eq!(label_key_errors(ok), None, "{ok}");
+        }
+        let e = label_key_errors("-bad").unwrap();
+        assert_eq!(
+            e,
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+        );
+        assert!(label_key_errors("")
+            .unwrap()
+            .starts_with("name part must be non-empty; name part must consist"));
+        assert!(label_key_errors("/app")
+            .unwrap()
+            .starts_with("prefix part must be non-empty"));
+        assert!(label_key_errors("Example.com/app")
+            .unwrap()
+            .starts_with("prefix part a lowercase RFC 1123 subdomain"));
+        assert!(label_key_errors("example.com/")
+            .unwrap()
+            .starts_with("name part must be non-empty"));
+        assert!(label_key_errors("a/b/c")
+            .unwrap()
+            .starts_with("a qualified name must consist of"));
+        assert_eq!(
+            label_key_errors(&"a".repeat(64)).as_deref(),
+            Some("name part must be no more than 63 characters")
+        );
+        assert!(label_key_errors(&format!("{}/a", "a".repeat(254))).is_some());
+
+        for ok in ["", "web", "my_value", "12345", "a.b-c"] {
+            assert_eq!(label_value_errors(ok), None, "{ok:?}");
+        }
+        assert_eq!(
+            label_value_errors("b c").as_deref(),
+            Some("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')")
+        );
+        assert!(label_value_errors("-x").is_some());
+        assert!(label_value_errors("(x").is_some());
+        assert_eq!(
+            label_value_errors(&"a".repeat(64)).as_deref(),
+            Some("must be no more than 63 characters")
+        );
+    }
+
+    #[test]
+    fn ips_and_cidrs() {
+        assert_eq!(validate_ip("10.0.0.1"), Ok("10.0.0.1".parse().unwrap()));
+        assert!(validate_ip("2001:db8::1").is_ok());
+        assert_eq!(validate_ip("10.0.0"), Err(IP_MSG.to_string()));
+        assert_eq!(validate_ip(""), Err(IP_MSG.to_string()));
+        assert_eq!(
+            validate_ip("010.0.0.1"),
+            Err("must not have leading 0s".to_string())
+        );
+        assert_eq!(
+            validate_ip("::ffff:1.2.3.4"),
+            Err("must not be an IPv4-mapped IPv6 address".to_string())
+        );
+
+        assert!(validate_cidr("10.244.0.0/24").is_ok());
+        assert!(validate_cidr("fd00:10:244::/64").is_ok());
+        assert!(validate_cidr("0.0.0.0/0").is_ok());
+        for bad in [
+            "10.244.0.1/24",
+            "10.244.0.0",
+            "10.244.0.0/33",
+            "10.244.0.0/024",
+            "10.244.0.0/",
+            "10.244.0.0/-1",
+            "fd00::1/64",
+            "nonsense",
+        ] {
+            assert_eq!(validate_cidr(bad), Err(CIDR_MSG.to_string()), "{bad}");
+        }
+    }
+
+    // --- metadata ----------------------------------------------------------
+
+    #[test]
+    fn valid_namespace() {
+        assert_clean(&errors(namespace("kube-system")));
+    }
+
+    #[test]
+    fn namespace_name_is_a_dns_label() {
+        assert_eq!(
+            errors(namespace("Bad_Name")),
+            vec![
+                r#"metadata.name: Invalid value: "Bad_Name": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"#
+            ]
+        );
+        assert_eq!(
+            errors(namespace("a.b")),
+            vec![r#"metadata.name: Invalid value: "a.b": must not contain dots"#]
+        );
+    }
+
+    #[test]
+    fn service_name_is_a_dns1035_label() {
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"]["name"] = json!("1web");
+        let e = errors(v);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(r#"metadata.name: Invalid value: "1web": a DNS-1035 label"#));
+
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"]["name"] = json!("a".repeat(64));
+        assert_has(
+            &errors(v),
+            &format!(
+                "metadata.name: Invalid value: \"{}\": must be no more than 63 characters",
+                "a".repeat(64)
+            ),
+        );
+    }
+
+    #[test]
+    fn subdomain_names_for_pods_nodes_and_slices() {
+        let spec = json!({"containers": [{"name": "c", "image": "nginx"}]});
+        let mut v = pod(spec.clone());
+        v["metadata"]["name"] = json!("web.example-0");
+        assert_clean(&errors(v));
+        let mut v = pod(spec);
+        v["metadata"]["name"] = json!("web..0");
+        assert!(errors(v)[0].starts_with(
+            r#"metadata.name: Invalid value: "web..0": a lowercase RFC 1123 subdomain"#
+        ));
+
+        let mut v = node(json!({}), json!({}));
+        v["metadata"]["name"] = json!("Node_A");
+        assert_eq!(errors(v).len(), 1);
+
+        let mut v = slice("IPv4", json!([]), json!([]));
+        v["metadata"]["name"] = json!("x".repeat(254));
+        assert_has(
+            &errors(v),
+            &format!(
+                "metadata.name: Invalid value: \"{}\": must be no more than 253 characters",
+                "x".repeat(254)
+            ),
+        );
+    }
+
+    #[test]
+    fn generate_name() {
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"] = json!({"generateName": "web-", "namespace": "default"});
+        assert_clean(&errors(v));
+
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"] = json!({"generateName": "Web-"});
+        let e = errors(v);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(r#"metadata.generateName: Invalid value: "Web-": a DNS-1035"#));
+
+        let mut v = namespace("x");
+        v["metadata"] = json!({"generateName": "team-"});
+        assert_clean(&errors(v));
+    }
+
+    #[test]
+    fn metadata_namespace_is_a_dns_label() {
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"]["namespace"] = json!("Team_A");
+        let e = errors(v);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(
+            r#"metadata.namespace: Invalid value: "Team_A": a lowercase RFC 1123 label"#
+        ));
+
+        // Absent namespace: supplied by the request path.
+        let mut v = svc(json!({"ports": [{"port": 80}]}));
+        v["metadata"] = json!({"name": "web"});
+        assert_clean(&errors(v));
+
+        // Cluster-scoped kinds ignore it (the server clears it).
+        let mut v = namespace("prod");
+        v["metadata"]["namespace"] = json!("Whatever_");
+        assert_clean(&errors(v));
+    }
+
+    #[test]
+    fn labels_and_annotations() {
+        let mut v = namespace("prod");
+        v["metadata"]["labels"] = json!({
+            "app": "web",
+            "example.com/tier": "",
+            "-bad": "ok",
+            "good": "bad value",
+        });
+        let e = errors(v);
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].starts_with(r#"metadata.labels: Invalid value: "-bad": name part must consist"#)
+        );
+        assert!(e[1]
+            .starts_with(r#"metadata.labels: Invalid value: "bad value": a valid label must be"#));
+
+        let mut v = namespace("prod");
+        v["metadata"]["annotations"] = json!({
+            "Example.com/Note": "upper case keys are fine here",
+            "bad key": "x",
+        });
+        let e = errors(v);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].starts_with(
+            r#"metadata.annotations: Invalid value: "bad key": name part must consist"#
+        ));
+
+        let mut v = namespace("prod");
+        v["metadata"]["annotations"] = json!({"big": "x".repeat(256 * 1024)});
+        assert_eq!(
+            errors(v),
+            vec!["metadata.annotations: Too long: may not be more than 262144 bytes"]
+        );
+        let mut v = namespace("prod");
+        v["metadata"]["annotations"] = json!({"big": "x".repeat(256 * 1024 - 3)});
+        assert_clean(&errors(v));
+    }
+
+    // --- Service -----------------------------------------------------------
+
+    #[test]
+    fn valid_services() {
+        let good = [
+            json!({"ports": [{"port": 80}]}),
+            json!({"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                   "selector": {"app": "web"},
+                   "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                             {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+                             {"name": "dns-tcp", "port": 53, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}],
+                   "sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86400}},
+                   "internalTrafficPolicy": "Local",
+                   "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "ports": [{"port": 80, "nodePort": 30080}, ]}),
+            json!({"type": "NodePort", "ports": [
+                {"name": "a", "port": 80, "nodePort": 30080, "protocol": "TCP"},
+                {"name": "b", "port": 80, "nodePort": 30080, "protocol": "UDP"}]}),
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "loadBalancerSourceRanges": ["10.0.0.0/8", " 192.168.0.0/16 "],
+                   "ports": [{"port": 443}]}),
+            json!({"type": "LoadBalancer", "ports": [{"port": 443}]}),
+            json!({"type": "ExternalName", "externalName": "db.example.com."}),
+            json!({"type": "ExternalName", "externalName": "db", "ports": [{"port": 5432}]}),
+            json!({"clusterIP": "None"}),
+            json!({"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]}),
+            json!({"clusterIPs": ["10.96.0.11"], "ports": [{"port": 80}]}),
+            json!({"clusterIP": "", "ports": [{"port": 80, "targetPort": 0, "nodePort": 0}]}),
+            json!({"externalIPs": ["203.0.113.7"], "externalTrafficPolicy": "Cluster", "ports": [{"port": 80}]}),
+            json!({"sessionAffinity": "ClientIP", "ports": [{"port": 80}]}),
+        ];
+        for spec in good {
+            assert_clean(&errors(svc(spec)));
+        }
+    }
+
+    #[test]
+    fn service_spec_and_ports_required() {
+        let v = json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": "web", "namespace": "default"}});
+        assert_eq!(errors(v), vec!["spec: Required value"]);
+        assert_eq!(errors(svc(json!({}))), vec!["spec.ports: Required value"]);
+        assert_eq!(
+            errors(svc(json!({"type": "NodePort", "ports": []}))),
+            vec!["spec.ports: Required value"]
+        );
+    }
+
+    #[test]
+    fn service_type_must_be_supported() {
+        assert_eq!(
+            errors(svc(json!({"type": "Headless", "ports": [{"port": 80}]}))),
+            vec![
+                r#"spec.type: Unsupported value: "Headless": supported values: "ClusterIP", "ExternalName", "LoadBalancer", "NodePort""#
+            ]
+        );
+    }
+
+    #[test]
+    fn service_port_rules() {
+        let e = errors(svc(
+            json!({"ports": [{"port": 80}, {"port": 81, "name": "b"}]}),
+        ));
+        assert_eq!(e, vec!["spec.ports[0].name: Required value"]);
+
+        let e = errors(svc(json!({"ports": [{"port": 80, "name": "HTTP"}]})));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(
+            r#"spec.ports[0].name: Invalid value: "HTTP": a lowercase RFC 1123 label"#
+        ));
+
+        let e = errors(svc(json!({"ports": [{"port": -1}]})));
+        assert_eq!(
+            e,
+            vec!["spec.ports[0].port: Invalid value: -1: must be between 1 and 65535, inclusive"]
+        );
+
+        let e = errors(svc(json!({"ports": [
+            {"name": "a", "port": 80},
+            {"name": "b", "port": 80, "protocol": "TCP"},
+        ]})));
+        assert_eq!(
+            e,
+            vec![r#"spec.ports[1]: Duplicate value: {"port":80,"protocol":"TCP"}"#]
+        );
+
+        let e = errors(svc(json!({"ports": [{"port": 80, "targetPort": 0x10000}]})));
+        assert_eq!(
+            e,
+            vec!["spec.ports[0].targetPort: Invalid value: 65536: must be between 1 and 65535, inclusive"]
+        );
+        let e = errors(svc(
+            json!({"ports": [{"port": 80, "targetPort": "Web_Port"}]}),
+        ));
+        assert_eq!(
+            e,
+            vec![
+                r#"spec.ports[0].targetPort: Invalid value: "Web_Port": must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"#
+            ]
+        );
+        let e = errors(svc(
+            json!({"ports": [{"port": 80, "targetPort": "very-long-port-name"}]}),
+        ));
+        assert_eq!(
+            e,
+            vec![
+                r#"spec.ports[0].targetPort: Invalid value: "very-long-port-name": must be no more than 15 characters"#
+            ]
+        );
+
+        let e = errors(svc(json!({"ports": [{"port": 80, "appProtocol": "-x"}]})));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(r#"spec.ports[0].appProtocol: Invalid value: "-x""#));
+    }
+
+    #[test]
+    fn node_ports() {
+        let e = errors(svc(
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}),
+        ));
+        assert_eq!(
+            e,
+            vec!["spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767"]
+        );
+        let e = errors(svc(
+            json!({"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": -5}]}),
+        ));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("spec.ports[0].nodePort: Invalid value: -5: provided port"));
+
+        let e = errors(svc(json!({"type": "NodePort", "ports": [
+            {"name": "a", "port": 80, "nodePort": 30080},
+            {"name": "b", "port": 81, "nodePort": 30080},
+        ]})));
+        assert_eq!(e, vec!["spec.ports[1].nodePort: Duplicate value: 30080"]);
+
+        let e = errors(svc(
+            json!({"type": "ExternalName", "externalName": "db.example.com",
+                                  "ports": [{"port": 80, "nodePort": 30080}]}),
+        ));
+        assert_eq!(
+            e,
+            vec![
+                "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ExternalName'"
+            ]
+        );
+
+        // The range comes from the context.
+        let ctx = ValidationContext {
+            node_port_range: 20000..=20100,
+            ..ValidationContext::default()
+        };
+        let v = obj(svc(
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        ));
+        let e: Vec<String> = validate_object(&v, &ctx)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            e,
+            vec!["spec.ports[0].nodePort: Invalid value: 30080: provided port is not in the valid range. The range of valid ports is 20000-20100"]
+        );
+    }
+
+    #[test]
+    fn cluster_ips() {
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "1.2.3.4", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIP: Invalid value: "1.2.3.4": failed to allocate IP 1.2.3.4: the provided IP (1.2.3.4) is not in the valid range. The range of valid IPs is 10.96.0.0/12"#
+            ]
+        );
+        // The network and broadcast addresses are never allocatable.
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.96.0.0", "ports": [{"port": 80}]})
+            ))
+            .len(),
+            1
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.111.255.255", "ports": [{"port": 80}]})
+            ))
+            .len(),
+            1
+        );
+        assert_clean(&errors(svc(
+            json!({"clusterIP": "10.111.255.254", "ports": [{"port": 80}]}),
+        )));
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIP: Invalid value: "10.96.0.300": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIPs": ["10.0.0.1"], "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIPs[0]: Invalid value: "10.0.0.1": failed to allocate IP 10.0.0.1: the provided IP (10.0.0.1) is not in the valid range. The range of valid IPs is 10.96.0.0/12"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.11"],
+                              "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIPs: Invalid value: ["10.96.0.11"]: first value must match `clusterIP`"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"type": "LoadBalancer", "clusterIP": "None", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIP: Invalid value: "None": may not be set to 'None' for LoadBalancer services"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"type": "NodePort", "clusterIPs": ["None"], "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIPs[0]: Invalid value: "None": may not be set to 'None' for NodePort services"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "None", "clusterIPs": ["None", "10.96.0.1"]})
+            )),
+            vec![
+                r#"spec.clusterIPs: Invalid value: ["None","10.96.0.1"]: 'None' must be the first and only value"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "10.96.0.11"],
+                              "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIPs: Invalid value: ["10.96.0.10","10.96.0.11"]: may specify no more than one IP for each IP family"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"clusterIP": "10.96.0.10", "ipFamilies": ["IPv6"],
+                              "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.clusterIP: Invalid value: "10.96.0.10": expected an IPv6 value as indicated by `ipFamilies[0]`"#
+            ]
+        );
+    }
+
+    #[test]
+    fn dual_stack_cluster_ips() {
+        let ctx = ValidationContext {
+            service_cidrs: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ],
+            ..ValidationContext::default()
+        };
+        let check = |spec: Value| -> Vec<String> {
+            validate_object(&obj(svc(spec)), &ctx)
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        assert_clean(&check(json!({
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"],
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "ports": [{"port": 80}]})));
+        assert_eq!(
+            check(
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:20::a"],
+                         "ports": [{"port": 80}]})
+            ),
+            vec![
+                r#"spec.clusterIPs[1]: Invalid value: "fd00:20::a": failed to allocate IP fd00:20::a: the provided IP (fd00:20::a) is not in the valid range. The range of valid IPs is fd00:10:96::/112"#
+            ]
+        );
+        assert_eq!(
+            check(
+                json!({"ipFamilies": ["IPv4", "IPv4"], "ipFamilyPolicy": "Dual",
+                         "ports": [{"port": 80}]})
+            ),
+            vec![
+                r#"spec.ipFamilies[1]: Duplicate value: "IPv4""#,
+                r#"spec.ipFamilyPolicy: Unsupported value: "Dual": supported values: "PreferDualStack", "RequireDualStack", "SingleStack""#,
+            ]
+        );
+        assert_eq!(
+            check(json!({"ipFamilies": ["IPv5"], "ports": [{"port": 80}]})),
+            vec![
+                r#"spec.ipFamilies[0]: Unsupported value: "IPv5": supported values: "IPv4", "IPv6""#
+            ]
+        );
+    }
+
+    #[test]
+    fn external_name_services() {
+        assert_eq!(
+            errors(svc(json!({"type": "ExternalName"}))),
+            vec!["spec.externalName: Required value"]
+        );
+        assert_eq!(
+            errors(svc(json!({"type": "ExternalName", "externalName": "."}))),
+            vec!["spec.externalName: Required value"]
+        );
+        let e = errors(svc(
+            json!({"type": "ExternalName", "externalName": "Bad_Host"}),
+        ));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(
+            r#"spec.externalName: Invalid value: "Bad_Host": a lowercase RFC 1123 subdomain"#
+        ));
+        assert_eq!(
+            errors(svc(
+                json!({"type": "ExternalName", "externalName": "db.example.com",
+                              "clusterIP": "10.96.0.10", "ipFamilies": ["IPv4"]})
+            )),
+            vec![
+                "spec.clusterIP: Forbidden: may not be set for ExternalName services",
+                "spec.ipFamilies: Forbidden: may not be set for ExternalName services",
+            ]
+        );
+    }
+
+    #[test]
+    fn session_affinity() {
+        assert_eq!(
+            errors(svc(
+                json!({"sessionAffinity": "Sticky", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.sessionAffinity: Unsupported value: "Sticky": supported values: "ClientIP", "None""#
+            ]
+        );
+        assert_eq!(
+            errors(svc(json!({"sessionAffinity": "ClientIP",
+                              "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86401}},
+                              "ports": [{"port": 80}]}))),
+            vec!["spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 86401: must be greater than 0 and less than 86400"]
+        );
+        assert_eq!(
+            errors(svc(json!({"sessionAffinity": "ClientIP",
+                              "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}},
+                              "ports": [{"port": 80}]})))
+            .len(),
+            1
+        );
+        assert_eq!(
+            errors(svc(json!({"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                              "ports": [{"port": 80}]}))),
+            vec!["spec.sessionAffinityConfig: Forbidden: must not be set when session affinity is None"]
+        );
+    }
+
+    #[test]
+    fn traffic_policies_and_health_check_port() {
+        assert_eq!(
+            errors(svc(
+                json!({"externalTrafficPolicy": "Cluster", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.externalTrafficPolicy: Invalid value: "Cluster": may only be set for externally-accessible services"#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"type": "NodePort", "externalTrafficPolicy": "Global",
+                              "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.externalTrafficPolicy: Unsupported value: "Global": supported values: "Cluster", "Local""#
+            ]
+        );
+        assert_eq!(
+            errors(svc(
+                json!({"internalTrafficPolicy": "Node", "ports": [{"port": 80}]})
+            )),
+            vec![
+                r#"spec.internalTrafficPolicy: Unsupported value: "Node": supported values: "Cluster", "Local""#
+            ]
+        );
+        assert_eq!(
+            errors(svc(json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                              "healthCheckNodePort": 31000, "ports": [{"port": 80}]}))),
+            vec!["spec.healthCheckNodePort: Invalid value: 31000: may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'"]
+        );
+        assert_eq!(
+            errors(svc(json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                              "healthCheckNodePort": 10256, "ports": [{"port": 80}]}))),
+            vec!["spec.healthCheckNodePort: Invalid value: 10256: provided port is not in the valid range. The range of valid ports is 30000-32767"]
+        );
+        assert_eq!(
+            errors(svc(json!({"loadBalancerSourceRanges": ["10.0.0.1/8"], "ports": [{"port": 80}]}))),
+            vec![
+                "spec.loadBalancerSourceRanges: Forbidden: may only be used when `type` is 'LoadBalancer'",
+                r#"spec.loadBalancerSourceRanges[0]: Invalid value: "10.0.0.1/8": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips() {
+        let e = errors(svc(json!({"externalIPs": [
+            "203.0.113.7", "0.0.0.0", "127.0.0.1", "169.254.1.1", "224.0.0.5",
+            "fe80::1", "::1", "nope"],
+            "ports": [{"port": 80}]})));
+        assert_eq!(
+            e,
+            vec![
+                r#"spec.externalIPs[1]: Invalid value: "0.0.0.0": may not be unspecified (0.0.0.0)"#,
+                r#"spec.externalIPs[2]: Invalid value: "127.0.0.1": may not be in the loopback range (127.0.0.0/8, ::1/128)"#,
+                r#"spec.externalIPs[3]: Invalid value: "169.254.1.1": may not be in the link-local range (169.254.0.0/16, fe80::/10)"#,
+                r#"spec.externalIPs[4]: Invalid value: "224.0.0.5": may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"#,
+                r#"spec.externalIPs[5]: Invalid value: "fe80::1": may not be in the link-local range (169.254.0.0/16, fe80::/10)"#,
+                r#"spec.externalIPs[6]: Invalid value: "::1": may not be in the loopback range (127.0.0.0/8, ::1/128)"#,
+                r#"spec.externalIPs[7]: Invalid value: "nope": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn service_selector_is_label_syntax() {
+        let e = errors(svc(
+            json!({"selector": {"app": "a b", "-k": "v"}, "ports": [{"port": 80}]}),
+        ));
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(e[0].starts_with(r#"spec.selector: Invalid value: "-k": name part"#));
+        assert!(e[1].starts_with(r#"spec.selector: Invalid value: "a b": a valid label"#));
+    }
+
+    // --- updates -----------------------------------------------------------
+
+    #[test]
+    fn service_cluster_ip_is_immutable() {
+        let old = svc(json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}));
+        assert_clean(&update_errors(old.clone(), old.clone()));
+        assert_eq!(
+            update_errors(
+                old.clone(),
+                svc(json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}))
+            ),
+            vec![r#"spec.clusterIP: Invalid value: "10.96.0.20": field is immutable"#]
+        );
+        // Clearing it is only allowed when becoming ExternalName.
+        assert_eq!(
+            update_errors(old.clone(), svc(json!({"ports": [{"port": 80}]}))),
+            vec![r#"spec.clusterIP: Invalid value: "": field is immutable"#]
+        );
+        assert_eq!(
+            update_errors(
+                old.clone(),
+                svc(json!({"clusterIP": "None", "ports": [{"port": 80}]}))
+            ),
+            vec![r#"spec.clusterIP: Invalid value: "None": field is immutable"#]
+        );
+        assert_clean(&update_errors(
+            old.clone(),
+            svc(json!({"type": "ExternalName", "externalName": "db.example.com"})),
+        ));
+        assert_clean(&update_errors(
+            svc(json!({"type": "ExternalName", "externalName": "db.example.com"})),
+            svc(json!({"type": "NodePort", "clusterIP": "10.96.0.30",
+                       "ports": [{"port": 80, "nodePort": 30001}]})),
+        ));
+        // Type changes among the IP-bearing types keep the IP.
+        assert_clean(&update_errors(
+            old.clone(),
+            svc(json!({"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                       "ports": [{"port": 80, "nodePort": 30001}]})),
+        ));
+        // An unset cluster IP may be set (the allocator fills it in).
+        assert_clean(&update_errors(svc(json!({"ports": [{"port": 80}]})), old));
+    }
+
+    #[test]
+    fn names_and_namespaces_are_immutable() {
+        let old = svc(json!({"ports": [{"port": 80}]}));
+        let mut new = old.clone();
+        new["metadata"]["name"] = json!("other");
+        new["metadata"]["namespace"] = json!("prod");
+        assert_eq!(
+            update_errors(old.clone(), new),
+            vec![
+                r#"metadata.name: Invalid value: "other": field is immutable"#,
+                r#"metadata.namespace: Invalid value: "prod": field is immutable"#,
+            ]
+        );
+        assert_eq!(
+            update_errors(namespace("a"), namespace("b")),
+            vec![r#"metadata.name: Invalid value: "b": field is immutable"#]
+        );
+        assert_eq!(
+            update_errors(namespace("a"), old),
+            vec![r#"kind: Invalid value: "Service": field is immutable"#]
+        );
+    }
+
+    #[test]
+    fn node_pod_cidr_set_once() {
+        let empty = node(json!({}), json!({}));
+        let set = node(
+            json!({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}),
+            json!({}),
+        );
+        assert_clean(&update_errors(empty, set.clone()));
+        assert_clean(&update_errors(set.clone(), set.clone()));
+        let moved = node(
+            json!({"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]}),
+            json!({}),
+        );
+        assert_eq!(
+            update_errors(set.clone(), moved),
+            vec![
+                r#"spec.podCIDR: Forbidden: node updates may not change podCIDR except from "" to valid"#,
+                r#"spec.podCIDRs: Forbidden: node updates may not change podCIDR except from "" to valid"#,
+            ]
+        );
+        let cleared = node(json!({}), json!({}));
+        assert_eq!(update_errors(set, cleared).len(), 2);
+    }
+
+    #[test]
+    fn pod_node_name_set_once() {
+        let spec = |node: Option<&str>| {
+            let mut s = json!({"containers": [{"name": "c", "image": "nginx"}]});
+            if let Some(n) = node {
+                s["nodeName"] = json!(n);
+            }
+            pod(s)
+        };
+        assert_clean(&update_errors(spec(None), spec(Some("node-a"))));
+        assert_clean(&update_errors(spec(Some("node-a")), spec(Some("node-a"))));
+        assert_eq!(
+            update_errors(spec(Some("node-a")), spec(Some("node-b"))),
+            vec![r#"spec.nodeName: Invalid value: "node-b": field is immutable"#]
+        );
+        assert_eq!(
+            update_errors(spec(Some("node-a")), spec(None)),
+            vec![r#"spec.nodeName: Invalid value: "": field is immutable"#]
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_address_type_is_immutable() {
+        let old = slice("IPv4", json!([{"addresses": ["10.244.1.5"]}]), json!([]));
+        let new = slice("IPv6", json!([{"addresses": ["fd00::5"]}]), json!([]));
+        assert_eq!(
+            update_errors(old.clone(), new),
+            vec![r#"addressType: Invalid value: "IPv6": field is immutable"#]
+        );
+        assert_clean(&update_errors(old.clone(), old));
+    }
+
+    // --- Pod ---------------------------------------------------------------
+
+    #[test]
+    fn valid_pod() {
+        let mut v = pod(json!({
+            "nodeName": "node-a.example",
+            "hostname": "web-0",
+            "subdomain": "web",
+            "initContainers": [{"name": "init", "image": "busybox"}],
+            "containers": [
+                {"name": "web", "image": "nginx:1.27",
+                 "ports": [{"name": "http", "containerPort": 80},
+                           {"name": "metrics", "containerPort": 9090, "hostPort": 9090, "protocol": "TCP"}]},
+                {"name": "dns", "image": "coredns",
+                 "ports": [{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 53, "protocol": "SCTP"}]},
+            ],
+        }));
+        v["status"] = json!({"podIP": "10.244.1.5",
+                             "podIPs": [{"ip": "10.244.1.5"}, {"ip": "fd00:244::5"}]});
+        assert_clean(&errors(v));
+    }
+
+    #[test]
+    fn pod_rules() {
+        let v = json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "p", "namespace": "default"}});
+        assert_eq!(errors(v), vec!["spec: Required value"]);
+        assert_eq!(
+            errors(pod(json!({"containers": []}))),
+            vec!["spec.containers: Required value"]
+        );
+        assert_eq!(
+            errors(pod(
+                json!({"containers": [{"name": "web"}, {"name": "web", "image": "x"}]})
+            )),
+            vec![
+                "spec.containers[0].image: Required value",
+                r#"spec.containers[1].name: Duplicate value: "web""#,
+            ]
+        );
+        assert_eq!(
+            errors(pod(
+                json!({"initContainers": [{"name": "web", "image": "x"}],
+                              "containers": [{"name": "web", "image": "x"}]})
+            )),
+            vec![r#"spec.containers[0].name: Duplicate value: "web""#]
+        );
+        let e = errors(pod(json!({"containers": [{"name": "Web", "image": " x"}]})));
+        assert_eq!(e.len(), 2);
+        assert!(e[0].starts_with(
+            r#"spec.containers[0].name: Invalid value: "Web": a lowercase RFC 1123 label"#
+        ));
+        assert_eq!(
+            e[1],
+            r#"spec.containers[0].image: Invalid value: " x": must not have leading or trailing whitespace"#
+        );
+        assert_eq!(
+            errors(pod(json!({"containers": [{"image": "x"}]}))),
+            vec!["spec.containers[0].name: Required value"]
+        );
+    }
+
+    #[test]
+    fn pod_container_ports() {
+        let e = errors(pod(json!({"containers": [
+            {"name": "a", "image": "x", "ports": [
+                {"containerPort": 70000},
+                {"containerPort": 80, "hostPort": 65536},
+                {"containerPort": 81, "protocol": "ICMP"},
+                {"containerPort": 82, "name": "HTTP"},
+                {"containerPort": 83, "name": "http"},
+                {},
+            ]},
+            {"name": "b", "image": "x", "ports": [{"containerPort": 84, "name": "http"}]},
+        ]})));
+        assert_eq!(
+            e,
+            vec![
+                "spec.containers[0].ports[0].containerPort: Invalid value: 70000: must be between 1 and 65535, inclusive",
+                "spec.containers[0].ports[1].hostPort: Invalid value: 65536: must be between 1 and 65535, inclusive",
+                r#"spec.containers[0].ports[2].protocol: Unsupported value: "ICMP": supported values: "SCTP", "TCP", "UDP""#,
+                r#"spec.containers[0].ports[3].name: Invalid value: "HTTP": must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"#,
+                r#"spec.containers[0].ports[3].name: Invalid value: "HTTP": must contain at least one letter (a-z)"#,
+                "spec.containers[0].ports[5].containerPort: Required value",
+                r#"spec.containers[1].ports[0].name: Duplicate value: "http""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_spec_names_and_status_ips() {
+        let e = errors(pod(json!({"nodeName": "Node_A", "hostname": "a.b",
+                                  "containers": [{"name": "c", "image": "x"}]})));
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(e[0].starts_with(
+            r#"spec.nodeName: Invalid value: "Node_A": a lowercase RFC 1123 subdomain"#
+        ));
+        assert_eq!(
+            e[1],
+            r#"spec.hostname: Invalid value: "a.b": must not contain dots"#
+        );
+
+        let mut v = pod(json!({"containers": [{"name": "c", "image": "x"}]}));
+        v["status"] = json!({"podIP": "10.244.1", "podIPs": [{"ip": "x"}]});
+        assert_eq!(
+            errors(v),
+            vec![
+                r#"status.podIP: Invalid value: "10.244.1": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"#,
+                r#"status.podIPs[0].ip: Invalid value: "x": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"#,
+            ]
+        );
+        let mut v = pod(json!({"containers": [{"name": "c", "image": "x"}]}));
+        v["status"] = json!({"podIPs": [{"ip": "10.244.1.5"}, {"ip": "10.244.1.5"}]});
+        assert_eq!(
+            errors(v),
+            vec![
+                r#"status.podIPs: Invalid value: [{"ip":"10.244.1.5"},{"ip":"10.244.1.5"}]: may specify no more than one IP for each IP family"#,
+                r#"status.podIPs[1].ip: Duplicate value: "10.244.1.5""#,
+            ]
+        );
+    }
+
+    // --- Node --------------------------------------------------------------
+
+    #[test]
+    fn valid_node() {
+        assert_clean(&errors(node(
+            json!({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"]}),
+            json!({"addresses": [
+                {"type": "InternalIP", "address": "192.168.1.10"},
+                {"type": "InternalIP", "address": "fd00::10"},
+                {"type": "ExternalIP", "address": "203.0.113.10"},
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "InternalDNS", "address": "node-a.cluster.internal"},
+                {"type": "ExternalDNS", "address": "node-a.example.com"},
+            ]}),
+        )));
+    }
+
+    #[test]
+    fn node_rules() {
+        assert_eq!(
+            errors(node(
+                json!({"podCIDR": "10.244.1.1/24", "podCIDRs": ["10.244.1.0/24", "banana"]}),
+                json!({})
+            )),
+            vec![
+                r#"spec.podCIDR: Invalid value: "10.244.1.1/24": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"#,
+                r#"spec.podCIDRs[1]: Invalid value: "banana": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"#,
+            ]
+        );
+        assert_eq!(
+            errors(node(
+                json!({"podCIDRs": ["10.244.1.0/24", "10.244.2.0/24"]}),
+                json!({})
+            )),
+            vec![
+                r#"spec.podCIDRs: Invalid value: ["10.244.1.0/24","10.244.2.0/24"]: may specify no more than one CIDR for each IP family"#
+            ]
+        );
+        assert_eq!(
+            errors(node(
+                json!({}),
+                json!({"addresses": [
+                    {"type": "PublicIP", "address": "1.2.3.4"},
+                    {"type": "InternalIP", "address": "node-a"},
+                    {"type": "Hostname", "address": "node-a"},
+                    {"type": "Hostname", "address": "node-a"},
+                ]})
+            )),
+            vec![
+                r#"status.addresses[0].type: Unsupported value: "PublicIP": supported values: "ExternalDNS", "ExternalIP", "Hostname", "InternalDNS", "InternalIP""#,
+                r#"status.addresses[1].address: Invalid value: "node-a": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"#,
+                r#"status.addresses[3]: Duplicate value: {"address":"node-a","type":"Hostname"}"#,
+            ]
+        );
+    }
+
+    // --- EndpointSlice -----------------------------------------------------
+
+    #[test]
+    fn valid_endpoint_slices() {
+        assert_clean(&errors(slice(
+            "IPv4",
+            json!([
+                {"addresses": ["10.244.1.5"], "hostname": "web-0", "nodeName": "node-a",
+                 "zone": "z1", "conditions": {"ready": true}},
+                {"addresses": ["10.244.2.7", "10.244.2.8"]},
+            ]),
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"},
+                   {"name": "", "port": 53, "protocol": "UDP", "appProtocol": "dns"}]),
+        )));
+        assert_clean(&errors(slice(
+            "IPv6",
+            json!([{"addresses": ["fd00:244::5"]}]),
+            json!([{"port": 80}]),
+        )));
+        assert_clean(&errors(slice(
+            "FQDN",
+            json!([{"addresses": ["web.example.com", "db.example.com."]}]),
+            json!(null),
+        )));
+        assert_clean(&errors(slice("IPv4", json!([]), json!([]))));
+    }
+
+    #[test]
+    fn endpoint_slice_address_type() {
+        assert_eq!(
+            errors(slice("", json!([]), json!([]))),
+            vec!["addressType: Required value"]
+        );
+        assert_eq!(
+            errors(slice("IPv5", json!([{"addresses": ["x"]}]), json!([]))),
+            vec![
+                r#"addressType: Unsupported value: "IPv5": supported values: "FQDN", "IPv4", "IPv6""#
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_rules() {
+        let e = errors(slice(
+            "IPv4",
+            json!([
+                {"addresses": []},
+                {"addresses": ["fd00::1", "10.0.0.300", "127.0.0.1"]},
+                {"addresses": ["10.244.1.5"], "hostname": "Web", "nodeName": "node_a"},
+            ]),
+            json!([]),
+        ));
+        assert_eq!(e.len(), 6, "{e:#?}");
+        assert_eq!(
+            e[0],
+            "endpoints[0].addresses: Required value: must contain at least 1 address"
+        );
+        assert_eq!(
+            e[1],
+            r#"endpoints[1].addresses[0]: Invalid value: "fd00::1": must be a valid IPv4 address"#
+        );
+        assert_eq!(
+            e[2],
+            r#"endpoints[1].addresses[1]: Invalid value: "10.0.0.300": must be a valid IPv4 address"#
+        );
+        assert_eq!(
+            e[3],
+            r#"endpoints[1].addresses[2]: Invalid value: "127.0.0.1": may not be in the loopback range (127.0.0.0/8, ::1/128)"#
+        );
+        assert!(e[4].starts_with(
+            r#"endpoints[2].nodeName: Invalid value: "node_a": a lowercase RFC 1123 subdomain"#
+        ));
+        assert!(e[5].starts_with(
+            r#"endpoints[2].hostname: Invalid value: "Web": a lowercase RFC 1123 label"#
+        ));
+
+        assert_eq!(
+            errors(slice(
+                "IPv6",
+                json!([{"addresses": ["10.0.0.1"]}]),
+                json!([])
+            )),
+            vec![
+                r#"endpoints[0].addresses[0]: Invalid value: "10.0.0.1": must be a valid IPv6 address"#
+            ]
+        );
+        let e = errors(slice(
+            "FQDN",
+            json!([{"addresses": ["db", "Bad_Name.com", "-a.b"]}]),
+            json!([]),
+        ));
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert_eq!(
+            e[0],
+            r#"endpoints[0].addresses[0]: Invalid value: "db": should be a domain with at least two segments separated by dots"#
+        );
+        assert!(e[1].starts_with(r#"endpoints[0].addresses[1]: Invalid value: "Bad_Name.com": a lowercase RFC 1123 subdomain"#));
+
+        let many: Vec<Value> = (0..101)
+            .map(|i| json!(format!("10.244.0.{}", i % 250 + 1)))
+            .collect();
+        assert_eq!(
+            errors(slice("IPv4", json!([{"addresses": many}]), json!([]))),
+            vec!["endpoints[0].addresses: Too many: 101: must have at most 100 items"]
+        );
+        let endpoints: Vec<Value> = (0..1001)
+            .map(|_| json!({"addresses": ["10.244.0.1"]}))
+            .collect();
+        assert_eq!(
+            errors(slice("IPv4", json!(endpoints), json!([]))),
+            vec!["endpoints: Too many: 1001: must have at most 1000 items"]
+        );
+    }
+
+    #[test]
+    fn endpoint_port_rules() {
+        let e = errors(slice(
+            "IPv4",
+            json!([]),
+            json!([
+                {"port": 80},
+                {"port": 81},
+                {"name": "http", "port": 0},
+                {"name": "http", "port": 82, "protocol": "ICMP"},
+                {"name": "Web", "port": 83},
+            ]),
+        ));
+        assert_eq!(e.len(), 5, "{e:#?}");
+        assert_eq!(e[0], r#"ports[1].name: Duplicate value: """#);
+        assert_eq!(
+            e[1],
+            "ports[2].port: Invalid value: 0: must be between 1 and 65535, inclusive"
+        );
+        assert_eq!(e[2], r#"ports[3].name: Duplicate value: "http""#);
+        assert_eq!(
+            e[3],
+            r#"ports[3].protocol: Unsupported value: "ICMP": supported values: "SCTP", "TCP", "UDP""#
+        );
+        assert!(
+            e[4].starts_with(r#"ports[4].name: Invalid value: "Web": a lowercase RFC 1123 label"#)
+        );
+
+        let ports: Vec<Value> = (0..101)
+            .map(|i| json!({"name": format!("p{i}"), "port": 80}))
+            .collect();
+        assert_eq!(
+            errors(slice("IPv4", json!([]), json!(ports))),
+            vec!["ports: Too many: 101: must have at most 100 items"]
+        );
     }
 }

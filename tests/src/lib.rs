@@ -80,12 +80,7 @@ impl ControlProcess {
             .arg(self.dir.join("data"))
             .arg("--token-file")
             .arg(self.dir.join("tokens"))
-            .args([
-                "--service-cidr",
-                "198.19.0.0/16",
-                "--cluster-cidr",
-                "198.18.128.0/17",
-            ])
+            .args(self.defaults())
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -116,6 +111,20 @@ impl ControlProcess {
         })?;
         self.addr = addr.parse()?;
         Ok(())
+    }
+
+    /// The test address plan, unless a test overrides it.
+    fn defaults(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (flag, value) in [
+            ("--service-cidr", "198.19.0.0/16"),
+            ("--cluster-cidr", "198.18.128.0/17"),
+        ] {
+            if !self.extra.iter().any(|a| a == flag) {
+                out.extend([flag, value]);
+            }
+        }
+        out
     }
 
     /// SIGKILL, as a crash would.

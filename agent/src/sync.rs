@@ -82,7 +82,8 @@ impl Stream {
 /// Follow the stream forever, publishing each new view on `out`. Reconnects
 /// with backoff; resumes from the held revision.
 pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>>) {
-    let mut view = NodeView::default();
+    // The view is shared copy-on-write: a reader holding an old Arc costs one clone, none otherwise.
+    let mut view = Arc::new(NodeView::default());
     let mut backoff = Duration::from_millis(200);
     loop {
         let since = view.synced.then_some(view.rev);
@@ -94,12 +95,12 @@ pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>
                         Ok(Some(StreamFrame::Ping { .. })) => {}
                         Ok(Some(frame)) => {
                             let rev = frame.rev();
-                            if let Err(e) = view.apply(frame) {
+                            if let Err(e) = Arc::make_mut(&mut view).apply(frame) {
                                 tracing::warn!(error = %e, rev, "frame out of order; starting over");
-                                view = NodeView::default();
+                                view = Arc::new(NodeView::default());
                                 break;
                             }
-                            let _ = out.send(Arc::new(view.clone()));
+                            let _ = out.send(view.clone());
                         }
                         Ok(None) => {
                             tracing::info!("stream closed by the control plane");

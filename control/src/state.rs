@@ -447,12 +447,12 @@ impl Control {
             }
         }
         let name = obj.name().to_string();
+        authorize_write(who, None, Some(&obj))?;
         prepare_create(&mut obj);
         let errs = validate_object(&obj, &self.validation);
         if !errs.is_empty() {
             return Err(ApiError::invalid(kind, &name, errs));
         }
-        authorize_write(who, None, Some(&obj))?;
         let key = obj.key();
         if kind.namespaced() {
             let nskey = ObjectKey::new(Kind::Namespace, "", obj.namespace());
@@ -522,11 +522,13 @@ impl Control {
                 });
             }
         }
+        authorize_write(who, Some(&old), Some(&obj))?;
         prepare_update(&old, &mut obj, status);
         let errs = validate_update(&old, &obj, &self.validation);
         if !errs.is_empty() {
             return Err(ApiError::invalid(kind, name, errs));
         }
+        // A status update may not move a Pod either: check what will be stored.
         authorize_write(who, Some(&old), Some(&obj))?;
         if *old == obj {
             // Nothing changed: Kubernetes answers with the object and no new revision.

@@ -52,7 +52,7 @@ fn acknowledged_writes_survive_kill_9() {
                 let api = api.clone();
                 let acked = acked.clone();
                 let maybe = maybe.clone();
-                let mut s = seed ^ (w + 1) * 0x9e37_79b9;
+                let mut s = seed ^ ((w + 1) * 0x9e37_79b9);
                 tasks.push(tokio::spawn(async move {
                     for i in 0u64.. {
                         // each writer updates only its own objects, so its last acknowledged value is the truth
@@ -64,7 +64,7 @@ fn acknowledged_writes_survive_kill_9() {
                             .filter(|k| k.contains(&mine))
                             .cloned()
                             .collect();
-                        if next(&mut s) % 4 == 0 && !existing.is_empty() {
+                        if next(&mut s).is_multiple_of(4) && !existing.is_empty() {
                             // update a random acknowledged object
                             let name = existing[(next(&mut s) as usize) % existing.len()].clone();
                             let v = next(&mut s) % 1_000_000;

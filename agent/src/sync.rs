@@ -90,6 +90,10 @@ pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>
         match Stream::open(&ep, &node, since).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(200);
+                match since {
+                    Some(rev) => tracing::info!(since = rev, "stream opened; resuming after the revision held"),
+                    None => tracing::info!("stream opened; waiting for a snapshot"),
+                }
                 loop {
                     match stream.next_frame().await {
                         Ok(Some(StreamFrame::Ping { .. })) => {}

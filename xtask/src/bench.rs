@@ -1,0 +1,56 @@
+//! `cargo xtask bench <name> [ARGS...]`: build in release and run a benchmark.
+
+use crate::util;
+use anyhow::{bail, Result};
+use std::process::Command;
+
+struct Bench {
+    name: &'static str,
+    about: &'static str,
+    /// Packages to build with `cargo build --release -p ...`.
+    packages: &'static [&'static str],
+    /// Binary under target/release/ to run with the extra arguments.
+    binary: &'static str,
+}
+
+const BENCHES: &[Bench] = &[Bench {
+    name: "push",
+    about: "control-plane push stream fan-out (weft-push-bench)",
+    packages: &["weft-control", "weft-e2e"],
+    binary: "weft-push-bench",
+}];
+
+/// The benchmarks, one per line, for help and errors.
+pub fn list() -> String {
+    BENCHES
+        .iter()
+        .map(|b| format!("  {:<8} {}", b.name, b.about))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn run(name: &str, args: &[String]) -> Result<()> {
+    let Some(bench) = BENCHES.iter().find(|b| b.name == name) else {
+        bail!(
+            "unknown benchmark {name:?}; available:\n{}\n(e.g. `cargo xtask bench push --services 10000 --endpoints 10 --agents 1000 --updates 100`)",
+            list()
+        );
+    };
+    let mut build = util::cargo();
+    build.args(["build", "--release"]);
+    for p in bench.packages {
+        build.args(["-p", p]);
+    }
+    util::run(&mut build)?;
+    let bin = util::target_dir().join("release").join(bench.binary);
+    if !bin.exists() {
+        bail!(
+            "{} was not built by `{}`",
+            bin.display(),
+            util::display(&build)
+        );
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.args(args).current_dir(util::root());
+    util::run(&mut cmd)
+}

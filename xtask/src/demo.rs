@@ -1,0 +1,1624 @@
+//! `cargo xtask demo`: a three-node weft cluster in network namespaces on
+//! this machine, using only the address plan of shared/design.md:
+//! underlay 198.18.0.0/24, pods 198.18.128.0/17, services 198.19.0.0/16.
+//!
+//! ```text
+//!  wd<pid>-ul: br0 ──┬── v-cp ═ eth0 (wd<pid>-cp 198.18.0.1)  weft-control :6443
+//!                    ├── v-n1 ═ eth0 (wd<pid>-n1 198.18.0.11) weft-agent node-1
+//!                    ├── v-n2 ═ eth0 (wd<pid>-n2 198.18.0.12) weft-agent node-2
+//!                    └── v-n3 ═ eth0 (wd<pid>-n3 198.18.0.13) weft-agent node-3
+//! ```
+//!
+//! Everything it creates is owned by a guard that tears it down on drop
+//! (success, error or Ctrl-C); `--keep` leaves it running and `--down`
+//! removes what earlier `--keep` runs (or killed runs) left behind.
+
+use crate::{setup, util};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where runs record what they started, for `demo --down`.
+const RUN_DIR: &str = "/run/weft-demo";
+const CP_IP: &str = "198.18.0.1";
+const API: &str = "198.18.0.1:6443";
+const SERVER: &str = "http://198.18.0.1:6443";
+const UNDERLAY_PREFIX: u8 = 24;
+const SERVICE_CIDR: &str = "198.19.0.0/16";
+const CLUSTER_CIDR: &str = "198.18.128.0/17";
+const DNS_IP: &str = "198.19.0.10";
+const NODES: usize = 3;
+const MANIFEST: &str = "examples/demo.yaml";
+
+/// What the demo's manifest should produce: ready endpoints per Service.
+const EXPECTED_ENDPOINTS: &[(&str, &str, usize)] = &[
+    ("shop", "web", 3),
+    ("shop", "api", 2),
+    ("shop", "db", 1),
+    ("kube-system", "dns", 1),
+];
+
+pub struct Options {
+    pub keep: bool,
+    pub down: bool,
+    pub no_setup: bool,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    if opts.down {
+        return down();
+    }
+    if !util::is_root() {
+        bail!(
+            "the demo builds a cluster out of network namespaces and needs root; \
+             run it as root (e.g. `sudo -E cargo xtask demo`)"
+        );
+    }
+    util::trap_interrupts();
+    if !opts.no_setup {
+        setup::run(false)?;
+    }
+    util::run(util::cargo().args([
+        "build",
+        "--bins",
+        "-p",
+        "weft-control",
+        "-p",
+        "weft-agent",
+        "-p",
+        "netctl",
+    ]))?;
+    util::check_interrupted()?;
+
+    let started = Instant::now();
+    let mut demo = Demo::new()?;
+    let result = demo.run(opts.keep);
+    match result {
+        Ok(()) => {
+            eprintln!("demo: finished in {:.1}s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Err(e) => {
+            if util::check_interrupted().is_ok() {
+                demo.print_logs();
+            }
+            Err(e)
+            // `demo` drops here: processes, namespaces and the temp dir go.
+        }
+    }
+}
+
+/// One node of the demo cluster.
+struct NodeSpec {
+    /// 1-based.
+    n: usize,
+}
+
+impl NodeSpec {
+    fn name(&self) -> String {
+        format!("node-{}", self.n)
+    }
+    fn ip(&self) -> String {
+        format!("198.18.0.{}", 10 + self.n)
+    }
+    fn role(&self) -> String {
+        format!("n{}", self.n)
+    }
+}
+
+fn nodes() -> Vec<NodeSpec> {
+    (1..=NODES).map(|n| NodeSpec { n }).collect()
+}
+
+/// A check shown in the summary.
+struct Check {
+    ok: bool,
+    text: String,
+    detail: String,
+}
+
+fn check(ok: bool, text: impl Into<String>, detail: impl Into<String>) -> Check {
+    Check {
+        ok,
+        text: text.into(),
+        detail: detail.into(),
+    }
+}
+
+/// The last `view updated` line of an agent log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AgentView {
+    rev: u64,
+    services: usize,
+    nodes: usize,
+    subnet: String,
+}
+
+/// The demo cluster; tears itself down on drop unless kept.
+struct Demo {
+    prefix: String,
+    tmp: PathBuf,
+    bins: PathBuf,
+    record: PathBuf,
+    namespaces: Vec<String>,
+    control: Option<Child>,
+    agents: Vec<Child>,
+    keep: bool,
+    /// The view revision every agent agreed on before the restart check.
+    view_rev: Option<u64>,
+}
+
+impl Demo {
+    fn new() -> Result<Demo> {
+        let prefix = format!("wd{}", std::process::id());
+        let tmp = std::env::temp_dir().join(format!("weft-demo-{prefix}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing a stale {}", tmp.display()))?;
+        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+        let demo = Demo {
+            record: Path::new(RUN_DIR).join(format!("{prefix}.state")),
+            prefix,
+            tmp,
+            bins: util::target_dir().join("debug"),
+            namespaces: Vec::new(),
+            control: None,
+            agents: Vec::new(),
+            keep: false,
+            view_rev: None,
+        };
+        demo.save_record();
+        Ok(demo)
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
+    }
+
+    /// Record what this run owns so `demo --down` can remove it if we cannot.
+    fn save_record(&self) {
+        let mut s = format!("dir {}\n", self.tmp.display());
+        if self.keep {
+            s.push_str("kept\n");
+        }
+        for ns in &self.namespaces {
+            let _ = writeln!(s, "netns {ns}");
+        }
+        for c in self.control.iter().chain(&self.agents) {
+            let _ = writeln!(s, "pid {}", c.id());
+        }
+        if let Err(e) = std::fs::write(&self.record, s) {
+            eprintln!("demo: cannot write {}: {e}", self.record.display());
+        }
+    }
+
+    fn run(&mut self, keep: bool) -> Result<()> {
+        self.network()?;
+        self.write_tokens()?;
+        self.start_control()?;
+        self.wait_api(Duration::from_secs(20))?;
+        self.start_agents()?;
+        let node_list = self.wait_nodes(Duration::from_secs(30))?;
+
+        let mut apply = self.netctl(&["apply", "-f", MANIFEST]);
+        util::run(&mut apply)?;
+        self.report_pods(&node_list)?;
+        self.wait_slices(Duration::from_secs(20))?;
+
+        let state = self.snapshot()?;
+        let mut checks = self.checks(&state)?;
+        checks.extend(self.restart_checks(&state)?);
+        print_summary(&self.prefix, &state, &checks);
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        if failed > 0 {
+            bail!("{failed} demo check(s) failed (see above)");
+        }
+        if keep {
+            self.keep = true;
+            self.save_record();
+            let netctl = self.bin("netctl");
+            println!();
+            println!("The cluster keeps running (--keep). Reach it with:");
+            println!(
+                "  ip netns exec {} {} --server {SERVER} --token-file {} get svc -A",
+                self.ns("cp"),
+                netctl.display(),
+                self.tmp.join("admin.token").display()
+            );
+            println!(
+                "Logs: {}/control.log, {}/agent-N.log",
+                self.tmp.display(),
+                self.tmp.display()
+            );
+            println!("Clean up: cargo xtask demo --down");
+        }
+        Ok(())
+    }
+
+    // ---- the underlay ----
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        util::run(Command::new("ip").args(["netns", "add", name]))?;
+        self.namespaces.push(name.to_string());
+        self.save_record();
+        Ok(())
+    }
+
+    fn network(&mut self) -> Result<()> {
+        let ul = self.ns("ul");
+        self.add_netns(&ul)?;
+        ip(&["-n", &ul, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        let mut members = vec![("cp".to_string(), CP_IP.to_string())];
+        members.extend(nodes().iter().map(|n| (n.role(), n.ip())));
+        for (role, addr) in members {
+            util::check_interrupted()?;
+            let ns = self.ns(&role);
+            self.add_netns(&ns)?;
+            let host_end = format!("v-{role}");
+            // Created in the underlay namespace; the peer lands in the member's.
+            ip(&[
+                "-n", &ul, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            ip(&["-n", &ul, "link", "set", &host_end, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/{UNDERLAY_PREFIX}"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(())
+    }
+
+    // ---- credentials ----
+
+    fn write_tokens(&self) -> Result<()> {
+        let admin = format!("admin-demo-{}", util::random_hex(12)?);
+        let mut file = format!("{admin},admin,1,\"system:masters\"\n");
+        write_secret(&self.tmp.join("admin.token"), &format!("{admin}\n"))?;
+        write_secret(
+            &self.tmp.join("admin.hdr"),
+            &format!("Authorization: Bearer {admin}\n"),
+        )?;
+        for node in nodes() {
+            let name = node.name();
+            let tok = format!("tok-{name}-{}", util::random_hex(12)?);
+            let _ = writeln!(file, "{tok},system:node:{name},{name},\"system:nodes\"");
+            write_secret(&self.tmp.join(format!("{name}.token")), &format!("{tok}\n"))?;
+            write_secret(
+                &self.tmp.join(format!("{name}.hdr")),
+                &format!("Authorization: Bearer {tok}\n"),
+            )?;
+        }
+        write_secret(&self.tmp.join("tokens"), &file)
+    }
+
+    // ---- processes ----
+
+    /// Start `program` inside `netns`, stderr appended to `log`, in its own
+    /// process group (Ctrl-C reaches us, and our guard stops it).
+    fn spawn(&self, netns: &str, log: &str, program: &Path, args: &[String]) -> Result<Child> {
+        let log_path = self.tmp.join(log);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        util::echo(&cmd);
+        eprintln!("  (log: {})", log_path.display());
+        cmd.spawn()
+            .with_context(|| format!("starting `{}`", util::display(&cmd)))
+    }
+
+    fn start_control(&mut self) -> Result<()> {
+        let args: Vec<String> = [
+            "--listen",
+            API,
+            "--data-dir",
+            &self.tmp.join("data").to_string_lossy(),
+            "--token-file",
+            &self.tmp.join("tokens").to_string_lossy(),
+            "--service-cidr",
+            SERVICE_CIDR,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = self.spawn(
+            &self.ns("cp"),
+            "control.log",
+            &self.bin("weft-control"),
+            &args,
+        )?;
+        self.control = Some(child);
+        self.save_record();
+        Ok(())
+    }
+
+    fn start_agents(&mut self) -> Result<()> {
+        for node in nodes() {
+            let args: Vec<String> = [
+                "--server",
+                SERVER,
+                "--token-file",
+                &self
+                    .tmp
+                    .join(format!("{}.token", node.name()))
+                    .to_string_lossy(),
+                "--node-name",
+                &node.name(),
+                "--node-ip",
+                &node.ip(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let child = self.spawn(
+                &self.ns(&node.role()),
+                &format!("agent-{}.log", node.n),
+                &self.bin("weft-agent"),
+                &args,
+            )?;
+            self.agents.push(child);
+            self.save_record();
+        }
+        Ok(())
+    }
+
+    /// Fail (with the log) if a process we started has exited.
+    fn ensure_running(&mut self) -> Result<()> {
+        if let Some(c) = self.control.as_mut() {
+            if let Some(st) = c.try_wait()? {
+                bail!(
+                    "weft-control exited ({st}); its log:\n{}",
+                    util::tail(&self.tmp.join("control.log"), 20)
+                );
+            }
+        }
+        for (i, a) in self.agents.iter_mut().enumerate() {
+            if let Some(st) = a.try_wait()? {
+                bail!(
+                    "the weft-agent of node-{} exited ({st}); its log:\n{}",
+                    i + 1,
+                    util::tail(&self.tmp.join(format!("agent-{}.log", i + 1)), 20)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Poll `ready` every 250 ms until it returns Some, the deadline passes
+    /// (error naming `what` and the last reason), or a process dies.
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut Demo) -> Result<Option<T>, String>,
+    ) -> Result<T> {
+        eprintln!("demo: waiting for {what} (up to {}s)", timeout.as_secs());
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            self.ensure_running()?;
+            match ready(self) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(why) => last = why,
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {}s waiting for {what}{}",
+                    timeout.as_secs(),
+                    if last.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {last}")
+                    }
+                );
+            }
+            util::sleep(Duration::from_millis(250))?;
+        }
+    }
+
+    fn wait_api(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for(
+            &format!("the API on {API} (`netctl get ns`)"),
+            timeout,
+            |d| {
+                util::capture(&mut d.netctl(&["get", "ns"]))
+                    .map(|_| Some(()))
+                    .map_err(|e| format!("{e:#}"))
+            },
+        )
+    }
+
+    // ---- API access ----
+
+    /// `ip netns exec <cp> netctl --server ... --token-file admin.token ARGS`.
+    fn netctl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns("cp")])
+            .arg(self.bin("netctl"))
+            .args(["--server", SERVER, "--token-file"])
+            .arg(self.tmp.join("admin.token"))
+            .args(args)
+            .current_dir(util::root());
+        cmd
+    }
+
+    /// Every object of `kind` across namespaces, as the API returns them.
+    fn list(&self, kind: &str) -> Result<Vec<Value>> {
+        let out = util::capture(&mut self.netctl(&["get", kind, "-A", "-o", "json"]))?;
+        let v: Value = serde_json::from_str(&out)
+            .with_context(|| format!("`netctl get {kind} -A -o json` printed no JSON list"))?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// An HTTP request to the API with curl from inside `netns`, as the
+    /// identity whose header file is `who` (`admin`, `node-1`, ...).
+    fn http(
+        &self,
+        netns: &str,
+        who: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        echo: bool,
+    ) -> Result<(u16, String)> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, "curl", "-sS", "--max-time", "10"])
+            .args(["-X", method, "-H"])
+            .arg(format!(
+                "@{}",
+                self.tmp.join(format!("{who}.hdr")).display()
+            ))
+            .args(["-o", "-", "-w", r"\n%{http_code}"]);
+        if let Some(body) = body {
+            let file = self.tmp.join("body.json");
+            std::fs::write(&file, serde_json::to_vec(body)?)?;
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(format!("@{}", file.display()));
+        }
+        cmd.arg(format!("{SERVER}{path}"));
+        let out = if echo {
+            util::output(&mut cmd)?
+        } else {
+            util::capture(&mut cmd)?
+        };
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
+        let code: u16 = code
+            .trim()
+            .parse()
+            .with_context(|| format!("curl printed no status code for {method} {path}"))?;
+        Ok((code, body.to_string()))
+    }
+
+    /// A 2xx JSON answer, or an error with the API's message.
+    fn http_json(
+        &self,
+        netns: &str,
+        who: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        echo: bool,
+    ) -> Result<Value> {
+        let (code, text) = self.http(netns, who, method, path, body, echo)?;
+        if !(200..300).contains(&code) {
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            bail!("{method} {path} as {who}: HTTP {code}: {msg}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
+    // ---- bringing the cluster up ----
+
+    /// Wait until the 3 nodes are registered with a podCIDR; returns them.
+    fn wait_nodes(&mut self, timeout: Duration) -> Result<Vec<Value>> {
+        self.wait_for(
+            &format!("{NODES} nodes with a POD-CIDR (`netctl get nodes`)"),
+            timeout,
+            |d| {
+                let items = d.list("nodes").map_err(|e| format!("{e:#}"))?;
+                let with_cidr = items
+                    .iter()
+                    .filter(|n| !str_at(n, "/spec/podCIDR").is_empty())
+                    .count();
+                if with_cidr == NODES {
+                    Ok(Some(items))
+                } else {
+                    Err(format!("{with_cidr} of {NODES} nodes have a podCIDR"))
+                }
+            },
+        )
+    }
+
+    /// Report every pod Running and Ready with an IP from its node's podCIDR,
+    /// as the node would (the node's own credentials, from its namespace).
+    fn report_pods(&mut self, node_list: &[Value]) -> Result<()> {
+        let cidrs: BTreeMap<String, String> = node_list
+            .iter()
+            .map(|n| {
+                (
+                    str_at(n, "/metadata/name").to_string(),
+                    str_at(n, "/spec/podCIDR").to_string(),
+                )
+            })
+            .collect();
+        let pods = self.list("pods")?;
+        let mut next: BTreeMap<String, u32> = BTreeMap::new();
+        println!("demo: reporting pod status as each pod's node (the CNI plugin lands later)");
+        for pod in &pods {
+            util::check_interrupted()?;
+            let ns = str_at(pod, "/metadata/namespace").to_string();
+            let name = str_at(pod, "/metadata/name").to_string();
+            let node = str_at(pod, "/spec/nodeName").to_string();
+            let Some(spec) = nodes().into_iter().find(|n| n.name() == node) else {
+                bail!("pod {ns}/{name} is bound to {node:?}, not a demo node");
+            };
+            let netns = self.ns(&spec.role());
+            // The node's own view of its podCIDR.
+            let me = self.http_json(
+                &netns,
+                &node,
+                "GET",
+                &format!("/api/v1/nodes/{node}"),
+                None,
+                false,
+            )?;
+            let cidr = str_at(&me, "/spec/podCIDR").to_string();
+            if cidrs.get(&node) != Some(&cidr) {
+                bail!(
+                    "node {node} reads podCIDR {cidr:?} but the list said {:?}",
+                    cidrs.get(&node)
+                );
+            }
+            let idx = next.entry(node.clone()).or_insert(2);
+            let ip = host_in(&cidr, *idx)?;
+            *idx += 1;
+            let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+            let mut obj = self.http_json(&netns, &node, "GET", &path, None, false)?;
+            obj["status"] = json!({
+                "phase": "Running",
+                "hostIP": spec.ip(),
+                "podIP": ip.to_string(),
+                "podIPs": [{"ip": ip.to_string()}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            });
+            self.http_json(
+                &netns,
+                &node,
+                "PUT",
+                &format!("{path}/status"),
+                Some(&obj),
+                true,
+            )
+            .with_context(|| format!("reporting pod {ns}/{name} Running as {node}"))?;
+            println!("  {ns}/{name} on {node}: Running, podIP {ip}");
+        }
+        Ok(())
+    }
+
+    fn wait_slices(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for("EndpointSlices of web, api, db and dns", timeout, |d| {
+            let slices = d.list("endpointslices").map_err(|e| format!("{e:#}"))?;
+            let counts = ready_endpoints(&slices);
+            let mut missing = Vec::new();
+            for (ns, svc, want) in EXPECTED_ENDPOINTS {
+                let have = counts
+                    .get(&(ns.to_string(), svc.to_string()))
+                    .map_or(0, |c| c.0);
+                if have != *want {
+                    missing.push(format!("{ns}/{svc} has {have} of {want}"));
+                }
+            }
+            if missing.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(missing.join(", "))
+            }
+        })
+    }
+
+    fn snapshot(&self) -> Result<State> {
+        Ok(State {
+            nodes: self.list("nodes")?,
+            pods: self.list("pods")?,
+            services: self.list("services")?,
+            slices: self.list("endpointslices")?,
+        })
+    }
+
+    // ---- checks ----
+
+    fn checks(&mut self, st: &State) -> Result<Vec<Check>> {
+        let mut out = Vec::new();
+
+        // Reachability over the underlay.
+        let mut bad = Vec::new();
+        for node in nodes() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.ns(&node.role())])
+                .args(["curl", "-sS", "--max-time", "5", "-f"])
+                .arg(format!("{SERVER}/readyz"));
+            match util::capture(&mut cmd) {
+                Ok(body) if body.trim() == "ok" => {}
+                Ok(body) => bad.push(format!("{}: {:?}", node.name(), body.trim())),
+                Err(e) => bad.push(format!("{}: {e:#}", node.name())),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!("control plane answers on {API} from every node namespace"),
+            bad.join("; "),
+        ));
+
+        // Node subnets.
+        let cluster = parse_cidr(CLUSTER_CIDR)?;
+        let mut subnets = BTreeSet::new();
+        let mut bad = Vec::new();
+        for n in &st.nodes {
+            let name = str_at(n, "/metadata/name");
+            let cidr = str_at(n, "/spec/podCIDR");
+            match parse_cidr(cidr) {
+                Ok(c) if c.1 == 24 && cidr_contains(cluster, c) => {
+                    subnets.insert(cidr.to_string());
+                }
+                _ => bad.push(format!("{name}: {cidr:?}")),
+            }
+        }
+        out.push(check(
+            st.nodes.len() == NODES && subnets.len() == NODES && bad.is_empty(),
+            format!("{NODES} nodes registered with distinct /24 subnets inside {CLUSTER_CIDR}"),
+            format!(
+                "{} nodes, {} distinct subnets; bad: {}",
+                st.nodes.len(),
+                subnets.len(),
+                bad.join(", ")
+            ),
+        ));
+
+        // Node status as the agents reported it.
+        let mut bad = Vec::new();
+        for spec in nodes() {
+            let Some(n) = st
+                .nodes
+                .iter()
+                .find(|n| str_at(n, "/metadata/name") == spec.name())
+            else {
+                bad.push(format!("{} missing", spec.name()));
+                continue;
+            };
+            if node_ready(n) != "Ready" {
+                bad.push(format!("{} is {}", spec.name(), node_ready(n)));
+            }
+            if internal_ip(n) != spec.ip() {
+                bad.push(format!(
+                    "{} has InternalIP {:?}",
+                    spec.name(),
+                    internal_ip(n)
+                ));
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            "every node is Ready with its underlay address (198.18.0.11-13)",
+            bad.join(", "),
+        ));
+
+        // Cluster IPs.
+        let services = parse_cidr(SERVICE_CIDR)?;
+        let mut bad = Vec::new();
+        let mut dns_ip = String::new();
+        for s in &st.services {
+            let key = ns_name(s);
+            let ip = str_at(s, "/spec/clusterIP");
+            let ty = svc_type(s);
+            if key == "kube-system/dns" {
+                dns_ip = ip.to_string();
+            }
+            match (ty.as_str(), ip) {
+                ("ExternalName", "") => {}
+                ("ExternalName", ip) => {
+                    bad.push(format!("{key} (ExternalName) has clusterIP {ip}"))
+                }
+                (_, "None") if key == "shop/db" => {}
+                (_, ip) => match ip.parse::<Ipv4Addr>() {
+                    Ok(a) if cidr_contains(services, (a, 32)) => {}
+                    _ => bad.push(format!("{key} has clusterIP {ip:?}")),
+                },
+            }
+        }
+        if dns_ip != DNS_IP {
+            bad.push(format!(
+                "kube-system/dns has {dns_ip:?}, asked for {DNS_IP}"
+            ));
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!("cluster IPs come from {SERVICE_CIDR}; kube-system/dns holds {DNS_IP}"),
+            bad.join(", "),
+        ));
+
+        // NodePort.
+        let api = st.services.iter().find(|s| ns_name(s) == "shop/api");
+        let node_port = api
+            .and_then(|s| s.pointer("/spec/ports/0/nodePort"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        out.push(check(
+            (30000..=32767).contains(&node_port),
+            format!("shop/api got NodePort {node_port} from 30000-32767"),
+            "no nodePort allocated in range",
+        ));
+
+        // Endpoints.
+        let counts = ready_endpoints(&st.slices);
+        let mut bad = Vec::new();
+        for (ns, svc, want) in EXPECTED_ENDPOINTS {
+            let (ready, total) = counts
+                .get(&(ns.to_string(), svc.to_string()))
+                .copied()
+                .unwrap_or((0, 0));
+            if ready != *want || total != *want {
+                bad.push(format!("{ns}/{svc}: {ready}/{total} ready, want {want}"));
+            }
+        }
+        let web_port = st
+            .slices
+            .iter()
+            .filter(|s| slice_owner(s) == ("shop".into(), "web".into()))
+            .flat_map(|s| s["ports"].as_array().cloned().unwrap_or_default())
+            .any(|p| p["name"] == "http" && p["port"] == 8080);
+        if !web_port {
+            bad.push("shop/web's slice does not map port http to 8080".into());
+        }
+        out.push(check(
+            bad.is_empty(),
+            "EndpointSlices: web 3, api 2, db 1, dns 1 ready; web's named port http resolves to 8080",
+            bad.join(", "),
+        ));
+
+        // Headless and ExternalName.
+        let db_host = st
+            .slices
+            .iter()
+            .filter(|s| slice_owner(s) == ("shop".into(), "db".into()))
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .any(|e| e["hostname"] == "db-0");
+        let ext_slices = st
+            .slices
+            .iter()
+            .filter(|s| slice_owner(s) == ("shop".into(), "ext".into()))
+            .count();
+        out.push(check(
+            db_host && ext_slices == 0,
+            "headless shop/db publishes hostname db-0; ExternalName shop/ext has no endpoints",
+            format!("db hostname found: {db_host}; ext slices: {ext_slices}"),
+        ));
+
+        // The agents' views.
+        let svc_count = util::capture(&mut self.netctl(&["get", "svc", "-A", "-o", "name"]))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        let views = self.wait_views(st, svc_count, None, Duration::from_secs(15));
+        let (ok, detail, rev) = match views {
+            Ok(rev) => (true, String::new(), rev),
+            Err(e) => (false, format!("{e:#}"), 0),
+        };
+        self.view_rev = ok.then_some(rev);
+        out.push(check(
+            ok,
+            format!(
+                "every agent holds the same view revision as the control plane (rev {rev}, {svc_count} services, {NODES} nodes)"
+            ),
+            detail,
+        ));
+        Ok(out)
+    }
+
+    /// Wait until every agent's last `view updated` line shows `services`
+    /// services, all nodes, its own subnet and the same revision (`want_rev`
+    /// if given), and the control plane has no view change after that revision.
+    fn wait_views(
+        &mut self,
+        st: &State,
+        services: usize,
+        want_rev: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u64> {
+        let subnets: BTreeMap<String, String> = st
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    str_at(n, "/metadata/name").to_string(),
+                    str_at(n, "/spec/podCIDR").to_string(),
+                )
+            })
+            .collect();
+        self.wait_for("every agent to hold the current view", timeout, |d| {
+            let mut revs = BTreeSet::new();
+            for node in nodes() {
+                let log = d.tmp.join(format!("agent-{}.log", node.n));
+                let Some(v) = last_view(&log) else {
+                    return Err(format!("{} logged no `view updated` line", node.name()));
+                };
+                let subnet = subnets.get(&node.name()).cloned().unwrap_or_default();
+                if v.services != services || v.nodes != NODES || v.subnet != subnet {
+                    return Err(format!(
+                        "{} holds rev={} services={} nodes={} subnet={:?}; want services={services} nodes={NODES} subnet={subnet:?}",
+                        node.name(), v.rev, v.services, v.nodes, v.subnet
+                    ));
+                }
+                revs.insert(v.rev);
+            }
+            let rev = match (revs.len(), revs.iter().next()) {
+                (1, Some(r)) => *r,
+                _ => return Err(format!("the agents hold different revisions: {revs:?}")),
+            };
+            if let Some(w) = want_rev {
+                if rev != w {
+                    return Err(format!("the agents hold rev {rev}, not {w}"));
+                }
+            }
+            // Ask the control plane, as each node, for view changes after `rev`.
+            for (node, frames) in d.pending_frames(rev).map_err(|e| format!("{e:#}"))? {
+                if !frames.is_empty() {
+                    return Err(format!(
+                        "the control plane still has changes for {node} after rev {rev}: {}",
+                        frames.join(" ")
+                    ));
+                }
+            }
+            Ok(Some(rev))
+        })
+    }
+
+    /// Frames (other than keep-alives) the control plane sends each node
+    /// within 2 s of opening its stream with `since=rev`: none means `rev`
+    /// is current. The nodes are asked at the same time.
+    fn pending_frames(&self, rev: u64) -> Result<Vec<(String, Vec<String>)>> {
+        let mut running = Vec::new();
+        for node in nodes() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.ns(&node.role())])
+                .args(["curl", "-sS", "-N", "--max-time", "2", "-H"])
+                .arg(format!(
+                    "@{}",
+                    self.tmp.join(format!("{}.hdr", node.name())).display()
+                ))
+                .arg(format!(
+                    "{SERVER}/weft/v1/nodes/{}/stream?since={rev}",
+                    node.name()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting `{}`", util::display(&cmd)))?;
+            running.push((node.name(), cmd, child));
+        }
+        let mut out = Vec::new();
+        for (name, cmd, child) in running {
+            let res = child.wait_with_output()?;
+            // 28: curl's "operation timed out", expected for an open stream.
+            if !res.status.success() && res.status.code() != Some(28) {
+                bail!(
+                    "`{}` failed: {}",
+                    util::display(&cmd),
+                    String::from_utf8_lossy(&res.stderr).trim()
+                );
+            }
+            let frames = String::from_utf8_lossy(&res.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|f| f["type"] != "Ping")
+                .map(|f| format!("{}@{}", f["type"].as_str().unwrap_or("?"), f["rev"]))
+                .collect();
+            out.push((name, frames));
+        }
+        Ok(out)
+    }
+
+    /// kill -9 the control plane, start it on the same data dir, and check
+    /// nothing is lost and the agents come back to the same view.
+    fn restart_checks(&mut self, before: &State) -> Result<Vec<Check>> {
+        let mut out = Vec::new();
+        let rev_before = self.view_rev;
+        if let Some(mut c) = self.control.take() {
+            eprintln!("demo: kill -9 weft-control (pid {})", c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.save_record();
+        self.start_control()?;
+        self.wait_api(Duration::from_secs(20))?;
+        let after = self.snapshot()?;
+        let diff = before.diff(&after);
+        out.push(check(
+            diff.is_empty(),
+            format!(
+                "control plane restart (kill -9) kept {} nodes, {} pods, {} services, {} slices unchanged",
+                after.nodes.len(),
+                after.pods.len(),
+                after.services.len(),
+                after.slices.len()
+            ),
+            diff.join("; "),
+        ));
+
+        let subscribers = self.wait_for("the agents to reconnect", Duration::from_secs(20), |d| {
+            let (code, text) = d
+                .http(&d.ns("cp"), "admin", "GET", "/metrics", None, false)
+                .map_err(|e| format!("{e:#}"))?;
+            let n = text
+                .lines()
+                .find_map(|l| l.strip_prefix("weft_control_stream_subscribers "))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match (code, n) {
+                (200, Some(n)) if n >= NODES => Ok(Some(n)),
+                (200, n) => Err(format!("{} stream subscribers", n.unwrap_or(0))),
+                (code, _) => Err(format!("GET /metrics: HTTP {code}")),
+            }
+        });
+        let views = match (&subscribers, rev_before) {
+            (Ok(_), Some(rev)) => self
+                .wait_views(
+                    &after,
+                    after.services.len(),
+                    Some(rev),
+                    Duration::from_secs(15),
+                )
+                .map(|_| rev),
+            (Ok(_), None) => Err(anyhow::anyhow!(
+                "the agents did not agree before the restart"
+            )),
+            (Err(e), _) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        out.push(match views {
+            Ok(rev) => check(
+                true,
+                format!(
+                    "all {NODES} agents reconnected after the restart and still hold rev {rev}"
+                ),
+                "",
+            ),
+            Err(e) => check(
+                false,
+                "all agents reconnected after the restart with the same view",
+                format!("{e:#}"),
+            ),
+        });
+        Ok(out)
+    }
+
+    fn print_logs(&self) {
+        let mut logs = vec![("weft-control".to_string(), self.tmp.join("control.log"))];
+        for node in nodes() {
+            logs.push((
+                format!("weft-agent {}", node.name()),
+                self.tmp.join(format!("agent-{}.log", node.n)),
+            ));
+        }
+        for (what, path) in logs {
+            if path.exists() {
+                eprintln!("--- last lines of the {what} log ({}):", path.display());
+                eprint!("{}", util::tail(&path, 15));
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        eprintln!("demo: tearing down {}", self.prefix);
+        for mut c in self.control.take().into_iter().chain(self.agents.drain(..)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "del", &ns]);
+            if let Err(e) = util::run(&mut cmd) {
+                eprintln!("demo: {e:#}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
+            eprintln!("demo: removing {}: {e}", self.tmp.display());
+        }
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.teardown();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    util::run(Command::new("ip").args(args))
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+// ---- cluster state and its summary ----
+
+struct State {
+    nodes: Vec<Value>,
+    pods: Vec<Value>,
+    services: Vec<Value>,
+    slices: Vec<Value>,
+}
+
+impl State {
+    /// What differs between two reads (by object and resourceVersion).
+    fn diff(&self, other: &State) -> Vec<String> {
+        let mut out = Vec::new();
+        for (kind, a, b) in [
+            ("nodes", &self.nodes, &other.nodes),
+            ("pods", &self.pods, &other.pods),
+            ("services", &self.services, &other.services),
+            ("endpointslices", &self.slices, &other.slices),
+        ] {
+            let index = |l: &Vec<Value>| -> BTreeMap<String, String> {
+                l.iter()
+                    .map(|o| {
+                        (
+                            ns_name(o),
+                            str_at(o, "/metadata/resourceVersion").to_string(),
+                        )
+                    })
+                    .collect()
+            };
+            let (a, b) = (index(a), index(b));
+            for (k, rv) in &a {
+                match b.get(k) {
+                    None => out.push(format!("{kind} {k} is gone")),
+                    Some(rv2) if rv2 != rv => {
+                        out.push(format!("{kind} {k} changed (rv {rv} -> {rv2})"))
+                    }
+                    _ => {}
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(format!("{kind} {k} appeared"));
+            }
+        }
+        out
+    }
+}
+
+fn print_summary(prefix: &str, st: &State, checks: &[Check]) {
+    println!();
+    println!(
+        "weft demo: {} nodes, {} pods, {} services (control plane {API} in netns {prefix}-cp)",
+        st.nodes.len(),
+        st.pods.len(),
+        st.services.len()
+    );
+    let rows: Vec<Vec<String>> = st
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                str_at(n, "/metadata/name").to_string(),
+                internal_ip(n),
+                str_at(n, "/spec/podCIDR").to_string(),
+                node_ready(n),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["NODE", "IP", "POD-CIDR", "STATUS"], &rows));
+    println!();
+
+    let rows: Vec<Vec<String>> = st
+        .pods
+        .iter()
+        .map(|p| {
+            vec![
+                ns_name(p),
+                str_at(p, "/spec/nodeName").to_string(),
+                str_at(p, "/status/podIP").to_string(),
+                str_at(p, "/status/phase").to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["POD", "NODE", "IP", "STATUS"], &rows));
+    println!();
+
+    let counts = ready_endpoints(&st.slices);
+    let rows: Vec<Vec<String>> = st
+        .services
+        .iter()
+        .map(|s| {
+            let ty = svc_type(s);
+            let ip = match str_at(s, "/spec/clusterIP") {
+                "" => "-".to_string(),
+                ip => ip.to_string(),
+            };
+            let ready = if ty == "ExternalName" {
+                format!("-> {}", str_at(s, "/spec/externalName"))
+            } else {
+                let key = (
+                    str_at(s, "/metadata/namespace").to_string(),
+                    str_at(s, "/metadata/name").to_string(),
+                );
+                let (r, t) = counts.get(&key).copied().unwrap_or((0, 0));
+                format!("{r}/{t}")
+            };
+            vec![ns_name(s), ty, ip, svc_ports(s), ready]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["SERVICE", "TYPE", "CLUSTER-IP", "PORTS", "READY ENDPOINTS"],
+            &rows
+        )
+    );
+    println!();
+
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    println!("checks: {} passed, {failed} failed", checks.len() - failed);
+    for c in checks {
+        if c.ok {
+            println!("  ok  {}", c.text);
+        } else {
+            println!("  FAIL {}: {}", c.text, c.detail);
+        }
+    }
+}
+
+/// Columns padded to their widest cell, three spaces apart.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{c:<w$}   ", w = widths[i]);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+fn ns_name(o: &Value) -> String {
+    match str_at(o, "/metadata/namespace") {
+        "" => str_at(o, "/metadata/name").to_string(),
+        ns => format!("{ns}/{}", str_at(o, "/metadata/name")),
+    }
+}
+
+fn svc_type(s: &Value) -> String {
+    match str_at(s, "/spec/type") {
+        "" => "ClusterIP".to_string(),
+        t => t.to_string(),
+    }
+}
+
+/// `80/TCP`, `8080:31234/TCP`, `53/UDP,53/TCP`.
+fn svc_ports(s: &Value) -> String {
+    let ports = s
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if ports.is_empty() {
+        return "-".into();
+    }
+    ports
+        .iter()
+        .map(|p| {
+            let proto = p["protocol"].as_str().unwrap_or("TCP");
+            match p["nodePort"].as_u64() {
+                Some(np) => format!("{}:{np}/{proto}", p["port"]),
+                None => format!("{}/{proto}", p["port"]),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn node_ready(n: &Value) -> String {
+    let ready = n
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| c["status"] == "True");
+    match ready {
+        Some(true) => "Ready".into(),
+        Some(false) => "NotReady".into(),
+        None => "Unknown".into(),
+    }
+}
+
+fn internal_ip(n: &Value) -> String {
+    n.pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+        .and_then(|a| a["address"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The (namespace, service) an EndpointSlice belongs to.
+fn slice_owner(s: &Value) -> (String, String) {
+    (
+        str_at(s, "/metadata/namespace").to_string(),
+        str_at(s, "/metadata/labels/kubernetes.io~1service-name").to_string(),
+    )
+}
+
+/// (ready, total) endpoints per (namespace, service).
+fn ready_endpoints(slices: &[Value]) -> BTreeMap<(String, String), (usize, usize)> {
+    let mut out: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+    for s in slices {
+        let e = out.entry(slice_owner(s)).or_default();
+        for ep in s["endpoints"].as_array().into_iter().flatten() {
+            e.1 += 1;
+            // Kubernetes: an absent `ready` means ready.
+            if ep.pointer("/conditions/ready") != Some(&Value::Bool(false)) {
+                e.0 += 1;
+            }
+        }
+    }
+    out
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let (a, p) = s
+        .split_once('/')
+        .with_context(|| format!("{s:?} is not a CIDR"))?;
+    let a: Ipv4Addr = a.parse().with_context(|| format!("{s:?} is not a CIDR"))?;
+    let p: u8 = p.parse().with_context(|| format!("{s:?} is not a CIDR"))?;
+    if p > 32 {
+        bail!("{s:?} is not a CIDR");
+    }
+    Ok((a, p))
+}
+
+fn mask(p: u8) -> u32 {
+    if p == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(p))
+    }
+}
+
+/// Whether `inner` lies inside `outer`.
+fn cidr_contains(outer: (Ipv4Addr, u8), inner: (Ipv4Addr, u8)) -> bool {
+    inner.1 >= outer.1
+        && (u32::from(inner.0) & mask(outer.1)) == (u32::from(outer.0) & mask(outer.1))
+}
+
+/// Host number `n` of `cidr` (e.g. .2 of 198.18.128.0/24).
+fn host_in(cidr: &str, n: u32) -> Result<Ipv4Addr> {
+    let (a, p) = parse_cidr(cidr)?;
+    let size = if p == 32 { 1 } else { 1u64 << (32 - p) };
+    if u64::from(n) + 1 >= size {
+        bail!("{cidr} has no room for host {n}");
+    }
+    Ok(Ipv4Addr::from((u32::from(a) & mask(p)) + n))
+}
+
+/// The last `view updated` line of an agent log.
+fn last_view(log: &Path) -> Option<AgentView> {
+    let text = std::fs::read(log).ok()?;
+    let text = util::strip_ansi(&String::from_utf8_lossy(&text));
+    text.lines()
+        .filter(|l| l.contains("view updated"))
+        .filter_map(parse_view_line)
+        .next_back()
+}
+
+fn parse_view_line(line: &str) -> Option<AgentView> {
+    let mut v = AgentView::default();
+    let mut seen = 0;
+    for word in line.split_whitespace() {
+        let Some((k, val)) = word.split_once('=') else {
+            continue;
+        };
+        let val = val.trim_matches('"');
+        match k {
+            "rev" => {
+                v.rev = val.parse().ok()?;
+                seen += 1;
+            }
+            "services" => {
+                v.services = val.parse().ok()?;
+                seen += 1;
+            }
+            "nodes" => {
+                v.nodes = val.parse().ok()?;
+                seen += 1;
+            }
+            "subnet" => v.subnet = val.to_string(),
+            _ => {}
+        }
+    }
+    (seen == 3).then_some(v)
+}
+
+// ---- demo --down ----
+
+/// Remove what earlier runs left: recorded processes and temp dirs, and
+/// every `wd<pid>-*` namespace whose run is no longer alive.
+fn down() -> Result<()> {
+    if !util::is_root() {
+        bail!("removing network namespaces needs root; run `cargo xtask demo --down` as root");
+    }
+    let me = std::process::id();
+    let live_demo = |pid: u32| {
+        pid != me
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "xtask")
+    };
+    let mut removed = 0;
+
+    // Recorded runs.
+    let mut records: Vec<PathBuf> = std::fs::read_dir(RUN_DIR)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    records.sort();
+    for rec in records {
+        let Some(prefix) = rec
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".state"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let owner: Option<u32> = prefix.strip_prefix("wd").and_then(|p| p.parse().ok());
+        let text = std::fs::read_to_string(&rec).unwrap_or_default();
+        let kept = text.lines().any(|l| l == "kept");
+        if owner.is_some_and(live_demo) && !kept {
+            println!(
+                "skipping {prefix}: its demo (pid {}) is still running",
+                owner.unwrap_or(0)
+            );
+            continue;
+        }
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("pid", pid)) => {
+                    let Ok(pid) = pid.trim().parse::<u32>() else {
+                        continue;
+                    };
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmdline).contains("weft-") {
+                        match util::kill_pid(pid) {
+                            Ok(()) => {
+                                println!("killed pid {pid}");
+                                removed += 1;
+                            }
+                            Err(e) => eprintln!("demo: {e:#}"),
+                        }
+                    }
+                }
+                Some(("dir", dir)) => {
+                    let dir = Path::new(dir.trim());
+                    let ours = dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("weft-demo-wd"));
+                    if ours && dir.exists() {
+                        match std::fs::remove_dir_all(dir) {
+                            Ok(()) => {
+                                println!("removed {}", dir.display());
+                                removed += 1;
+                            }
+                            Err(e) => eprintln!("demo: removing {}: {e}", dir.display()),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_file(&rec);
+    }
+
+    // Namespaces of any run (recorded or not), and whatever still runs in them.
+    let list = util::capture(Command::new("ip").args(["netns", "list"]))?;
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(owner) = demo_owner(name) else {
+            continue;
+        };
+        if live_demo(owner) && Path::new(RUN_DIR).join(format!("wd{owner}.state")).exists() {
+            println!("skipping {name}: its demo (pid {owner}) is still running");
+            continue;
+        }
+        if let Ok(pids) = util::capture(Command::new("ip").args(["netns", "pids", name])) {
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<u32>().ok()) {
+                if util::kill_pid(pid).is_ok() {
+                    println!("killed pid {pid} (in netns {name})");
+                    removed += 1;
+                }
+            }
+        }
+        util::run(Command::new("ip").args(["netns", "del", name]))?;
+        removed += 1;
+    }
+
+    // Temp dirs of runs that left no record.
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name
+                .strip_prefix("weft-demo-wd")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if live_demo(owner) {
+                continue;
+            }
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                println!("removed {}", e.path().display());
+                removed += 1;
+            }
+        }
+    }
+    if removed == 0 {
+        println!("demo --down: nothing to clean up");
+    } else {
+        println!("demo --down: done");
+    }
+    Ok(())
+}
+
+/// `wd123-cp` → 123: the pid of the run that made a namespace.
+fn demo_owner(netns: &str) -> Option<u32> {
+    let rest = netns.strip_prefix("wd")?;
+    let (pid, role) = rest.split_once('-')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || role.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_agent_view_lines() {
+        let line = "2025-11-22T10:00:00.000000Z  INFO weft_agent: view updated rev=17 services=5 nodes=3 subnet=\"198.18.129.0/24\"";
+        assert_eq!(
+            parse_view_line(line),
+            Some(AgentView {
+                rev: 17,
+                services: 5,
+                nodes: 3,
+                subnet: "198.18.129.0/24".into()
+            })
+        );
+        assert_eq!(
+            parse_view_line("INFO weft_agent: registered node=node-1"),
+            None
+        );
+    }
+
+    #[test]
+    fn cidr_math() {
+        assert_eq!(
+            host_in("198.18.128.0/24", 2).unwrap(),
+            Ipv4Addr::new(198, 18, 128, 2)
+        );
+        assert!(host_in("198.18.128.0/31", 2).is_err());
+        let cluster = parse_cidr(CLUSTER_CIDR).unwrap();
+        assert!(cidr_contains(
+            cluster,
+            parse_cidr("198.18.200.0/24").unwrap()
+        ));
+        assert!(!cidr_contains(
+            cluster,
+            parse_cidr("198.18.0.0/24").unwrap()
+        ));
+        assert!(!cidr_contains(
+            cluster,
+            parse_cidr("198.18.0.0/16").unwrap()
+        ));
+    }
+
+    #[test]
+    fn namespace_owner() {
+        assert_eq!(demo_owner("wd123-cp"), Some(123));
+        assert_eq!(demo_owner("wd123-"), None);
+        assert_eq!(demo_owner("wdx-cp"), None);
+        assert_eq!(demo_owner("other"), None);
+    }
+
+    #[test]
+    fn renders_tables_and_ports() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "1".into()]]);
+        assert_eq!(t, "A     BB\nxxx   1\n");
+        let s = json!({"spec": {"ports": [{"port": 8080, "nodePort": 31000, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}]}});
+        assert_eq!(svc_ports(&s), "8080:31000/TCP,53/UDP");
+    }
+
+    #[test]
+    fn counts_ready_endpoints() {
+        let slices = vec![json!({
+            "metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [{"addresses": ["1.1.1.1"], "conditions": {"ready": true}},
+                          {"addresses": ["1.1.1.2"], "conditions": {"ready": false}}]
+        })];
+        assert_eq!(
+            ready_endpoints(&slices)[&("shop".to_string(), "web".to_string())],
+            (1, 2)
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! `cargo xtask setup`: install what the project needs on a fresh Debian 12
+//! machine, idempotently; `setup --check` only reports (the doctor).
+
+use crate::util;
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+/// Debian packages the tests, the demo and the dataplanes use, with a
+/// program each provides (to recognise it where dpkg is absent).
+pub const APT_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("iptables", "iptables"),
+    ("nftables", "nft"),
+    ("conntrack", "conntrack"),
+    ("bpftool", "bpftool"),
+    ("procps", "ps"),
+    ("curl", "curl"),
+];
+
+/// Packages without which the tests cannot run at all.
+const REQUIRED: &[&str] = &["iproute2"];
+
+/// rustup components of the pinned toolchain.
+pub const COMPONENTS: &[&str] = &["rustfmt", "clippy"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Ok,
+    Installed,
+    Missing,
+}
+
+struct Report {
+    lines: Vec<(State, String)>,
+}
+
+impl Report {
+    fn add(&mut self, state: State, item: impl Into<String>) {
+        let item = item.into();
+        match state {
+            State::Ok => println!("ok   {item}"),
+            State::Installed => println!("installed {item}"),
+            State::Missing => println!("missing {item}"),
+        }
+        self.lines.push((state, item));
+    }
+
+    fn missing(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter(|(s, _)| *s == State::Missing)
+            .map(|(_, i)| i.as_str())
+            .collect()
+    }
+}
+
+/// Run setup (install what is missing), or with `check` only report and
+/// fail when something is missing.
+pub fn run(check: bool) -> Result<()> {
+    let mut report = Report { lines: Vec::new() };
+    let apt_ok = apt(check, &mut report)?;
+    let rust_ok = components(check, &mut report)?;
+    let missing = report.missing();
+    if check {
+        if !missing.is_empty() {
+            bail!(
+                "missing: {} (run `cargo xtask setup` as root to install)",
+                missing.join(", ")
+            );
+        }
+        println!("setup: everything is in place");
+        return Ok(());
+    }
+    let fatal: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|m| REQUIRED.contains(m))
+        .collect();
+    if !fatal.is_empty() {
+        bail!(
+            "missing {} which the tests need; install it as root: \
+             apt-get update && apt-get install -y --no-install-recommends {}",
+            fatal.join(", "),
+            fatal.join(" ")
+        );
+    }
+    if !(apt_ok && rust_ok) {
+        eprintln!(
+            "setup: continuing without {} (see above for how to install)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether a Debian package is installed (`dpkg-query`), or, without dpkg,
+/// whether the program it provides is on PATH.
+fn package_present(pkg: &str, program: &str, have_dpkg: bool) -> bool {
+    if have_dpkg {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output();
+        return out.is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim() == "install ok installed"
+        });
+    }
+    util::on_path(program)
+        || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(program).exists())
+}
+
+/// Check (and unless `check`, install) the apt packages. Returns whether all are present.
+fn apt(check: bool, report: &mut Report) -> Result<bool> {
+    let have_dpkg = util::on_path("dpkg-query");
+    let present: Vec<bool> = APT_PACKAGES
+        .iter()
+        .map(|(pkg, program)| package_present(pkg, program, have_dpkg))
+        .collect();
+    let missing: Vec<(&str, &str)> = APT_PACKAGES
+        .iter()
+        .zip(&present)
+        .filter(|(_, p)| !**p)
+        .map(|(item, _)| *item)
+        .collect();
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    let can_install = util::is_root() && util::on_path("apt-get");
+    if missing.is_empty() || check || !can_install {
+        // Report in list order.
+        for ((pkg, _), ok) in APT_PACKAGES.iter().zip(&present) {
+            report.add(if *ok { State::Ok } else { State::Missing }, *pkg);
+        }
+        if missing.is_empty() {
+            return Ok(true);
+        }
+        let why = if check {
+            "to install"
+        } else if !util::on_path("apt-get") {
+            "apt-get is not available here; install the equivalent packages, on Debian"
+        } else {
+            "not root; as root"
+        };
+        eprintln!(
+            "  {why}: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+            names.join(" ")
+        );
+        return Ok(false);
+    }
+    for ((pkg, _), ok) in APT_PACKAGES.iter().zip(&present) {
+        if *ok {
+            report.add(State::Ok, *pkg);
+        }
+    }
+    util::run(Command::new("apt-get").arg("update"))?;
+    let mut install = Command::new("apt-get");
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&names);
+    util::run(&mut install)?;
+    let mut still = Vec::new();
+    for (pkg, program) in &missing {
+        if package_present(pkg, program, have_dpkg) {
+            report.add(State::Installed, *pkg);
+        } else {
+            report.add(State::Missing, *pkg);
+            still.push(*pkg);
+        }
+    }
+    if !still.is_empty() {
+        bail!(
+            "apt-get install finished but {} still not installed",
+            still.join(", ")
+        );
+    }
+    Ok(true)
+}
+
+/// The toolchain channel pinned in rust-toolchain.toml.
+pub fn pinned_toolchain() -> Result<String> {
+    let path = util::root().join("rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .next()
+        .with_context(|| format!("{} has no `channel = \"...\"`", path.display()))
+}
+
+/// Check (and unless `check`, add) the rustup components. Returns whether all are present.
+fn components(check: bool, report: &mut Report) -> Result<bool> {
+    let toolchain = pinned_toolchain()?;
+    if !util::on_path("rustup") {
+        for c in COMPONENTS {
+            report.add(State::Missing, format!("{c} ({toolchain})"));
+        }
+        eprintln!(
+            "  rustup is not on PATH; install rustup, then: rustup component add --toolchain {toolchain} {}",
+            COMPONENTS.join(" ")
+        );
+        return Ok(false);
+    }
+    let installed = installed_components(&toolchain)?;
+    let has = |c: &str| {
+        installed
+            .iter()
+            .any(|i| i == c || i.strip_prefix(c).is_some_and(|r| r.starts_with('-')))
+    };
+    let missing: Vec<&str> = COMPONENTS.iter().copied().filter(|c| !has(c)).collect();
+    for c in COMPONENTS.iter().filter(|c| has(c)) {
+        report.add(State::Ok, format!("{c} ({toolchain})"));
+    }
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    if check {
+        for c in &missing {
+            report.add(State::Missing, format!("{c} ({toolchain})"));
+        }
+        eprintln!(
+            "  to install: rustup component add --toolchain {toolchain} {}",
+            missing.join(" ")
+        );
+        return Ok(false);
+    }
+    util::run(
+        Command::new("rustup")
+            .args(["component", "add", "--toolchain", &toolchain])
+            .args(&missing),
+    )?;
+    let now = installed_components(&toolchain)?;
+    for c in &missing {
+        let ok = now
+            .iter()
+            .any(|i| i == c || i.strip_prefix(c).is_some_and(|r| r.starts_with('-')));
+        if !ok {
+            bail!("rustup component add finished but {c} is still not installed for {toolchain}");
+        }
+        report.add(State::Installed, format!("{c} ({toolchain})"));
+    }
+    Ok(true)
+}
+
+fn installed_components(toolchain: &str) -> Result<Vec<String>> {
+    let out = util::capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))?;
+    Ok(out.lines().map(|l| l.trim().to_string()).collect())
+}

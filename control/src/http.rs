@@ -194,6 +194,14 @@ impl Query {
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
     }
+    /// `labelSelector` and `fieldSelector`, parsed.
+    fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
+        let labels = LabelSelector::parse(self.get("labelSelector").unwrap_or(""))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let fields = FieldSelector::parse(self.get("fieldSelector").unwrap_or(""))?;
+        Ok((labels, fields))
+    }
+
     fn flag(&self, k: &str) -> bool {
         matches!(self.get(k), Some("1" | "true" | ""))
     }
@@ -498,9 +506,7 @@ impl ApiServer {
         ns: Option<&str>,
         q: &Query,
     ) -> Result<Response<ApiBody>, ApiError> {
-        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""))?;
+        let (labels, fields) = q.selectors()?;
         let (mut items, rev) = self.control.list(kind, ns, &labels, &fields);
         items.retain(|s| authorize_read(who, &s.obj));
         Ok(json_response(200, list_body(kind, rev, &items)))
@@ -513,9 +519,7 @@ impl ApiServer {
         ns: Option<&str>,
         q: &Query,
     ) -> Result<Response<ApiBody>, ApiError> {
-        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""))?;
+        let (labels, fields) = q.selectors()?;
         let timeout = q
             .get("timeoutSeconds")
             .and_then(|t| t.parse::<u64>().ok())

@@ -463,19 +463,30 @@ impl Control {
         if inner.objects.contains_key(&key) {
             return Err(ApiError::AlreadyExists { kind, name });
         }
+        self.admit_and_commit(&mut inner, None, obj)
+    }
+
+    /// Admission (allocation), the controllers' reaction and commit of one object write.
+    fn admit_and_commit(
+        &self,
+        inner: &mut Inner,
+        old: Option<&Object>,
+        mut obj: Object,
+    ) -> Result<(Stored, u64), ApiError> {
+        let key = obj.key();
         let mut st = Staged::default();
-        if let Err(e) = inner.admit(&mut st, None, &mut obj) {
+        if let Err(e) = inner.admit(&mut st, old, &mut obj) {
             inner.undo(&mut st);
             return Err(e);
         }
         st.writes.insert(key.clone(), Some(obj));
         inner.run_controllers(&mut st);
-        let rev = self.commit(&mut inner, st)?;
+        let rev = self.commit(inner, st)?;
         let stored = inner
             .objects
             .get(&key)
             .cloned()
-            .ok_or_else(|| ApiError::Internal("created object vanished".into()))?;
+            .ok_or_else(|| ApiError::Internal(format!("{key} vanished after its write")))?;
         Ok((stored, rev))
     }
 
@@ -539,20 +550,7 @@ impl Control {
                 .ok_or_else(|| ApiError::not_found(kind, name))?;
             return Ok((stored, inner.rev));
         }
-        let mut st = Staged::default();
-        if let Err(e) = inner.admit(&mut st, Some(&old), &mut obj) {
-            inner.undo(&mut st);
-            return Err(e);
-        }
-        st.writes.insert(key.clone(), Some(obj));
-        inner.run_controllers(&mut st);
-        let rev = self.commit(&mut inner, st)?;
-        let stored = inner
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::Internal("updated object vanished".into()))?;
-        Ok((stored, rev))
+        self.admit_and_commit(&mut inner, Some(&old), obj)
     }
 
     /// Delete an object. Pods bound to a node terminate gracefully first.

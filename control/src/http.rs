@@ -583,12 +583,13 @@ impl ApiServer {
                             .filter(|e| {
                                 e.obj.kind() == kind && ns.is_none_or(|n| e.obj.namespace() == n)
                             })
-                            .filter(|e| {
-                                labels.matches(e.obj.meta().labels.as_ref())
-                                    && fields.matches(&e.obj)
-                                    && authorize_read(who, &e.obj)
+                            .filter_map(|e| {
+                                e.line_for(|o| {
+                                    labels.matches(o.meta().labels.as_ref())
+                                        && fields.matches(o)
+                                        && authorize_read(who, o)
+                                })
                             })
-                            .map(|e| e.line.clone())
                             .collect();
                         let last = events.last().map(|e| e.rev).unwrap_or(rv);
                         (lines, last.max(rv), live)
@@ -633,10 +634,12 @@ impl ApiServer {
                             if e.rev <= last || e.obj.kind() != kind || ns.as_deref().is_some_and(|n| e.obj.namespace() != n) {
                                 continue;
                             }
-                            if !(labels.matches(e.obj.meta().labels.as_ref()) && fields.matches(&e.obj) && authorize_read(&who, &e.obj)) {
+                            let Some(line) = e.line_for(|o| {
+                                labels.matches(o.meta().labels.as_ref()) && fields.matches(o) && authorize_read(&who, o)
+                            }) else {
                                 continue;
-                            }
-                            if tx.send(e.line.clone()).await.is_err() {
+                            };
+                            if tx.send(line).await.is_err() {
                                 return;
                             }
                         }

@@ -85,8 +85,31 @@ pub struct WatchEvent {
     pub rev: u64,
     pub event: EventType,
     pub obj: Arc<Object>,
+    /// The object before a modification (for selector watches).
+    pub prev: Option<Arc<Object>>,
     /// `{"type":"ADDED","object":{...}}\n`
     pub line: Bytes,
+    /// The object's JSON alone.
+    pub json: Bytes,
+}
+
+impl WatchEvent {
+    /// The line a watcher whose filter is `matches` should see, if any: a
+    /// modification that moves an object into or out of the selection is an
+    /// ADDED or DELETED for that watcher, as in Kubernetes.
+    pub fn line_for(&self, matches: impl Fn(&Object) -> bool) -> Option<Bytes> {
+        let now = matches(&self.obj);
+        match (self.event, self.prev.as_deref().map(&matches)) {
+            (EventType::Modified, Some(true)) if !now => {
+                Some(watch_line(EventType::Deleted, &self.json))
+            }
+            (EventType::Modified, Some(false)) if now => {
+                Some(watch_line(EventType::Added, &self.json))
+            }
+            _ if now => Some(self.line.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// A committed transaction waiting to become durable before it is published.
@@ -735,6 +758,7 @@ impl Control {
                 }
                 _ => {}
             }
+            let prev = old.as_ref().map(|o| o.obj.clone());
             let (event, stored) = match (&old, new) {
                 (_, Some(n)) => {
                     let ev = if old.is_some() {
@@ -755,6 +779,12 @@ impl Control {
                 rev,
                 event,
                 line: watch_line(event, &stored.json),
+                json: stored.json,
+                prev: if event == EventType::Modified {
+                    prev
+                } else {
+                    None
+                },
                 obj: stored.obj,
             }));
         }

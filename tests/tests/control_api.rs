@@ -448,12 +448,27 @@ fn watch_streams_events_and_resumes_from_a_resource_version() {
         let ev: serde_json::Value = serde_json::from_slice(&l).unwrap();
         assert_eq!((ev["type"].as_str().unwrap(), ev["object"]["metadata"]["name"].as_str().unwrap()), ("DELETED", "live"));
 
+        // a selector watch sees an object leave the selection as DELETED and enter it as ADDED
+        let resp = api.ep.send(Method::GET, &format!("{SVCS}?watch=1&labelSelector=tier%3Dfront"), None).await.unwrap();
+        let mut sel = weft_agent::client::LineReader::new(resp.into_body());
+        let mut s = api.post(SVCS, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mover", "labels": {"tier": "back"}}, "spec": {"ports": [{"port": 80}]}})).await.unwrap();
+        s["metadata"]["labels"] = json!({"tier": "front"});
+        let s = api.put(&format!("{SVCS}/mover"), s).await.unwrap();
+        let ev = next_event(&mut sel).await;
+        assert_eq!((ev["type"].as_str().unwrap(), ev["object"]["metadata"]["name"].as_str().unwrap()), ("ADDED", "mover"));
+        let mut s = s;
+        s["metadata"]["labels"] = json!({"tier": "back"});
+        api.put(&format!("{SVCS}/mover"), s).await.unwrap();
+        let ev = next_event(&mut sel).await;
+        assert_eq!((ev["type"].as_str().unwrap(), ev["object"]["metadata"]["name"].as_str().unwrap()), ("DELETED", "mover"));
+
         // label selectors on list
         api.post(SVCS, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lab", "labels": {"tier": "front"}}, "spec": {"ports": [{"port": 80}]}})).await.unwrap();
         let l = api.get(&format!("{SVCS}?labelSelector=tier%3Dfront")).await.unwrap();
         assert_eq!(l["items"].as_array().unwrap().len(), 1);
         let l = api.get(&format!("{SVCS}?labelSelector=tier+notin+(front)")).await.unwrap();
-        assert_eq!(l["items"].as_array().unwrap().len(), 1);
+        let names: Vec<&str> = l["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["before", "mover"]);
         assert_eq!(api.get(&format!("{SVCS}?labelSelector=a+in+(b")).await.unwrap_err().code, 400);
     });
 }

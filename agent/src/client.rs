@@ -167,14 +167,20 @@ impl Endpoint {
 pub struct LineReader {
     body: Incoming,
     buf: BytesMut,
+    /// Bytes of `buf` already searched for a newline (a long line arrives in many chunks).
+    scanned: usize,
     done: bool,
 }
+
+/// After a line this large, the buffer is given back rather than kept for the next one.
+const KEEP_BUFFER: usize = 1 << 20;
 
 impl LineReader {
     pub fn new(body: Incoming) -> Self {
         LineReader {
             body,
             buf: BytesMut::new(),
+            scanned: 0,
             done: false,
         }
     }
@@ -182,10 +188,18 @@ impl LineReader {
     /// The next complete line (without `\n`), or `None` at the end of the body.
     pub async fn next_line(&mut self) -> Result<Option<Bytes>, hyper::Error> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let line = self.buf.split_to(pos + 1);
-                return Ok(Some(line.freeze().slice(..pos)));
+            if let Some(off) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let pos = self.scanned + off;
+                let line = self.buf.split_to(pos + 1).freeze().slice(..pos);
+                self.scanned = 0;
+                if line.len() > KEEP_BUFFER {
+                    // `split_to` leaves the rest sharing the big allocation; copy it out so
+                    // the line's memory is freed when the caller drops it.
+                    self.buf = BytesMut::from(&self.buf[..]);
+                }
+                return Ok(Some(line));
             }
+            self.scanned = self.buf.len();
             if self.done {
                 return Ok(None);
             }

@@ -91,7 +91,10 @@ pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>
             Ok(mut stream) => {
                 backoff = Duration::from_millis(200);
                 match since {
-                    Some(rev) => tracing::info!(since = rev, "stream opened; resuming after the revision held"),
+                    Some(rev) => tracing::info!(
+                        since = rev,
+                        "stream opened; resuming after the revision held"
+                    ),
                     None => tracing::info!("stream opened; waiting for a snapshot"),
                 }
                 loop {

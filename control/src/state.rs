@@ -23,7 +23,7 @@ use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 use weft_model::validate::{validate_object, validate_update};
-use weft_model::view::Protocol;
+use weft_model::view::{wire, Protocol};
 use weft_model::{
     Change, FieldError, FieldErrorKind, Kind, LabelSelector, NodeEntry, Object, ObjectKey,
     ServiceEntry, ValidationContext,
@@ -117,7 +117,8 @@ impl WatchEvent {
 pub struct Committed {
     pub rev: u64,
     pub events: Vec<Arc<WatchEvent>>,
-    pub changes: Vec<Change>,
+    /// Encoded view changes (items of a Delta's `changes`).
+    pub changes: Vec<Bytes>,
 }
 
 const RESERVATION_PREFIX: &str = "weft/podcidr/";
@@ -140,7 +141,8 @@ struct Inner {
     subnets: SubnetAllocator,
     /// Pods in graceful deletion: (deadline in unix seconds, key).
     terminating: BTreeSet<(i64, ObjectKey)>,
-    view_services: BTreeMap<(String, String), ServiceEntry>,
+    /// Compiled Services with their JSON, encoded once and reused by every Reset and Delta.
+    view_services: BTreeMap<(String, String), (ServiceEntry, Bytes)>,
     view_nodes: BTreeMap<String, NodeEntry>,
     snapshot: Option<(u64, Bytes)>,
     pending: VecDeque<Committed>,
@@ -432,12 +434,12 @@ impl Control {
                 return (*rev, bytes.clone());
             }
         }
-        let frame = weft_model::StreamFrame::Reset {
-            rev: inner.rev,
-            services: inner.view_services.values().cloned().collect(),
-            nodes: inner.view_nodes.values().cloned().collect(),
-        };
-        let bytes = Bytes::from(frame.encode());
+        let nodes: Vec<&NodeEntry> = inner.view_nodes.values().collect();
+        let bytes = Bytes::from(wire::reset(
+            inner.rev,
+            inner.view_services.values().map(|(_, b)| b.as_ref()),
+            &nodes,
+        ));
         inner.snapshot = Some((inner.rev, bytes.clone()));
         (inner.rev, bytes)
     }
@@ -1220,7 +1222,7 @@ impl Inner {
         &mut self,
         services: &BTreeSet<(String, String)>,
         nodes: &BTreeSet<String>,
-    ) -> Vec<Change> {
+    ) -> Vec<Bytes> {
         let mut changes = Vec::new();
         for (ns, name) in services {
             let key = ObjectKey::new(Kind::Service, ns, name);
@@ -1249,17 +1251,18 @@ impl Inner {
             let k = (ns.clone(), name.clone());
             match entry {
                 Some(e) => {
-                    if self.view_services.get(&k) != Some(&e) {
-                        self.view_services.insert(k, e.clone());
-                        changes.push(Change::Service { service: e });
+                    if self.view_services.get(&k).map(|(old, _)| old) != Some(&e) {
+                        let json = Bytes::from(wire::service(&e));
+                        changes.push(Bytes::from(wire::service_change(&json)));
+                        self.view_services.insert(k, (e, json));
                     }
                 }
                 None => {
                     if self.view_services.remove(&k).is_some() {
-                        changes.push(Change::ServiceRemoved {
+                        changes.push(Bytes::from(wire::change(&Change::ServiceRemoved {
                             namespace: ns.clone(),
                             name: name.clone(),
-                        });
+                        })));
                     }
                 }
             }
@@ -1271,12 +1274,14 @@ impl Inner {
                     let e = compile::node_entry(n);
                     if self.view_nodes.get(name) != Some(&e) {
                         self.view_nodes.insert(name.clone(), e.clone());
-                        changes.push(Change::Node { node: e });
+                        changes.push(Bytes::from(wire::change(&Change::Node { node: e })));
                     }
                 }
                 _ => {
                     if self.view_nodes.remove(name).is_some() {
-                        changes.push(Change::NodeRemoved { name: name.clone() });
+                        changes.push(Bytes::from(wire::change(&Change::NodeRemoved {
+                            name: name.clone(),
+                        })));
                     }
                 }
             }

@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-use weft_model::{Change, StreamFrame};
+use weft_model::view::wire;
+use weft_model::StreamFrame;
 
 /// One encoded delta frame.
 #[derive(Clone, Debug)]
@@ -54,12 +55,12 @@ impl ViewHub {
     }
 
     /// Publish the view changes of a durable revision (encoded once, shared by all).
-    pub fn publish(&mut self, rev: u64, changes: Vec<Change>) {
+    pub fn publish(&mut self, rev: u64, changes: Vec<Bytes>) {
         self.head = self.head.max(rev);
         if changes.is_empty() {
             return;
         }
-        let bytes = Bytes::from(StreamFrame::Delta { rev, changes }.encode());
+        let bytes = Bytes::from(wire::delta(rev, changes.iter().map(|c| c.as_ref())));
         self.encoded_frames += 1;
         self.encoded_bytes += bytes.len() as u64;
         let e = Encoded { rev, bytes };

@@ -7,7 +7,11 @@
 //! bit, so one encoding serves every subscriber; an agent derives locality
 //! with [`Backend::is_local`].
 //!
-//! Wire format: newline-delimited JSON, one [`StreamFrame`] per line.
+//! Wire format: newline-delimited JSON, one [`StreamFrame`] per line,
+//! adjacently tagged (`{"type":"Delta","data":{...}}`) so a decoder reads the
+//! tag first and decodes the body in one pass. [`wire`] builds frames from
+//! entries encoded once, so the control plane never re-serializes an unchanged
+//! entry for a snapshot.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -189,7 +193,7 @@ pub enum Change {
 
 /// One frame of the push stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type")]
+#[serde(tag = "type", content = "data")]
 pub enum StreamFrame {
     /// The whole view at `rev`: replaces whatever the agent held.
     Reset {
@@ -221,6 +225,70 @@ impl StreamFrame {
             | StreamFrame::Delta { rev, .. }
             | StreamFrame::Ping { rev } => *rev,
         }
+    }
+}
+
+/// Building frames from pre-encoded pieces; the result decodes as [`StreamFrame`].
+pub mod wire {
+    use super::{Change, NodeEntry, ServiceEntry};
+
+    /// An entry's JSON, to be kept and reused by [`reset`] and [`service_change`].
+    pub fn service(entry: &ServiceEntry) -> Vec<u8> {
+        serde_json::to_vec(entry).unwrap_or_default()
+    }
+
+    /// The JSON of `Change::Service` around an entry encoded by [`service`].
+    pub fn service_change(encoded: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(encoded.len() + 32);
+        v.extend_from_slice(b"{\"op\":\"Service\",\"service\":");
+        v.extend_from_slice(encoded);
+        v.push(b'}');
+        v
+    }
+
+    /// The JSON of any change.
+    pub fn change(c: &Change) -> Vec<u8> {
+        serde_json::to_vec(c).unwrap_or_default()
+    }
+
+    fn join<'a>(v: &mut Vec<u8>, items: impl Iterator<Item = &'a [u8]>) {
+        v.push(b'[');
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                v.push(b',');
+            }
+            v.extend_from_slice(item);
+        }
+        v.push(b']');
+    }
+
+    /// A Delta frame line from encoded changes.
+    pub fn delta<'a>(rev: u64, changes: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+        let mut v =
+            format!("{{\"type\":\"Delta\",\"data\":{{\"rev\":{rev},\"changes\":").into_bytes();
+        join(&mut v, changes);
+        v.extend_from_slice(b"}}\n");
+        v
+    }
+
+    /// A Reset frame line from encoded services and the nodes.
+    pub fn reset<'a>(
+        rev: u64,
+        services: impl Iterator<Item = &'a [u8]>,
+        nodes: &[&NodeEntry],
+    ) -> Vec<u8> {
+        let mut v =
+            format!("{{\"type\":\"Reset\",\"data\":{{\"rev\":{rev},\"services\":").into_bytes();
+        join(&mut v, services);
+        v.extend_from_slice(b",\"nodes\":");
+        v.extend_from_slice(&serde_json::to_vec(nodes).unwrap_or_else(|_| b"[]".to_vec()));
+        v.extend_from_slice(b"}}\n");
+        v
+    }
+
+    /// Encode several entries with [`service`].
+    pub fn services_of(entries: &[ServiceEntry]) -> Vec<Vec<u8>> {
+        entries.iter().map(service).collect()
     }
 }
 
@@ -334,6 +402,48 @@ mod tests {
                 terminating: false,
             }],
         }
+    }
+
+    #[test]
+    fn wire_pieces_decode_as_frames() {
+        let a = svc("a", "198.19.0.5");
+        let b = svc("b", "198.19.0.6");
+        let node = NodeEntry {
+            name: "n1".into(),
+            node_ip: Some("198.18.0.11".parse().unwrap()),
+            pod_cidrs: vec!["198.18.128.0/24".into()],
+            vtep_ip: None,
+            vtep_mac: None,
+            ready: true,
+        };
+        let enc = wire::services_of(&[a.clone(), b.clone()]);
+        let line = wire::reset(7, enc.iter().map(|v| v.as_slice()), &[&node]);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let frame = StreamFrame::decode(&line[..line.len() - 1]).unwrap();
+        assert_eq!(
+            frame,
+            StreamFrame::Reset {
+                rev: 7,
+                services: vec![a.clone(), b.clone()],
+                nodes: vec![node.clone()]
+            }
+        );
+        assert_eq!(line, frame.encode(), "hand-built bytes equal serde's");
+        let removed = Change::ServiceRemoved {
+            namespace: "default".into(),
+            name: "a".into(),
+        };
+        let items = [wire::service_change(&enc[1]), wire::change(&removed)];
+        let line = wire::delta(8, items.iter().map(|v| v.as_slice()));
+        let frame = StreamFrame::decode(&line[..line.len() - 1]).unwrap();
+        assert_eq!(
+            frame,
+            StreamFrame::Delta {
+                rev: 8,
+                changes: vec![Change::Service { service: b }, removed]
+            }
+        );
+        assert_eq!(line, frame.encode());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! on loopback (and, as the cluster grows, in network namespaces) and cleans
 //! up after itself even when a test fails.
 
+pub mod bench;
+
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use hyper::Method;

@@ -8,7 +8,7 @@ use clap::Parser;
 use hyper::Method;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use weft_agent::client::{ClientError, Endpoint};
 use weft_model::NodeView;
 
@@ -101,15 +101,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         register(&ep, &args.node_name, args.node_ip).await?;
         tracing::info!(node = %args.node_name, "registered");
-        let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(NodeView::default()));
-        tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), tx));
+        let view: weft_agent::sync::SharedView = Arc::new(RwLock::new(NodeView::default()));
+        let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx));
         loop {
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() { break; }
-                    let view = rx.borrow_and_update().clone();
-                    let subnet = view.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
-                    tracing::info!(rev = view.rev, services = view.services.len(), nodes = view.nodes.len(), subnet, "view updated");
+                    rx.borrow_and_update();
+                    let v = view.read().unwrap_or_else(|p| p.into_inner());
+                    let subnet = v.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
+                    tracing::info!(rev = v.rev, services = v.services.len(), nodes = v.nodes.len(), subnet, "view updated");
                 }
                 _ = tokio::signal::ctrl_c() => break,
             }

@@ -4,7 +4,7 @@
 
 use crate::client::{ClientError, Endpoint, LineReader};
 use hyper::Method;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use weft_model::{NodeView, StreamFrame};
@@ -79,14 +79,19 @@ impl Stream {
     }
 }
 
-/// Follow the stream forever, publishing each new view on `out`. Reconnects
-/// with backoff; resumes from the held revision.
-pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>>) {
-    // The view is shared copy-on-write: a reader holding an old Arc costs one clone, none otherwise.
-    let mut view = Arc::new(NodeView::default());
+/// The view an agent holds, shared with its consumers. Readers take the lock
+/// briefly; the sync loop applies each frame in place (no copy of the view).
+pub type SharedView = Arc<RwLock<NodeView>>;
+
+/// Follow the stream forever, applying frames to `view` and announcing each new
+/// revision on `revs`. Reconnects with backoff; resumes from the held revision.
+pub async fn follow(ep: Endpoint, node: String, view: SharedView, revs: watch::Sender<u64>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let since = view.synced.then_some(view.rev);
+        let since = {
+            let v = view.read().unwrap_or_else(|p| p.into_inner());
+            v.synced.then_some(v.rev)
+        };
         match Stream::open(&ep, &node, since).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(200);
@@ -102,12 +107,15 @@ pub async fn follow(ep: Endpoint, node: String, out: watch::Sender<Arc<NodeView>
                         Ok(Some(StreamFrame::Ping { .. })) => {}
                         Ok(Some(frame)) => {
                             let rev = frame.rev();
-                            if let Err(e) = Arc::make_mut(&mut view).apply(frame) {
+                            let applied =
+                                view.write().unwrap_or_else(|p| p.into_inner()).apply(frame);
+                            if let Err(e) = applied {
                                 tracing::warn!(error = %e, rev, "frame out of order; starting over");
-                                view = Arc::new(NodeView::default());
+                                *view.write().unwrap_or_else(|p| p.into_inner()) =
+                                    NodeView::default();
                                 break;
                             }
-                            let _ = out.send(view.clone());
+                            let _ = revs.send(rev);
                         }
                         Ok(None) => {
                             tracing::info!("stream closed by the control plane");

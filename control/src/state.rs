@@ -777,11 +777,14 @@ impl Control {
                 }
                 (None, None) => continue,
             };
+            let line = watch_line(event, &stored.json);
+            // The object's JSON is a slice of the line: one allocation per event.
+            let json = line.slice(line.len() - stored.json.len() - 2..line.len() - 2);
             events.push(Arc::new(WatchEvent {
                 rev,
                 event,
-                line: watch_line(event, &stored.json),
-                json: stored.json,
+                line,
+                json,
                 prev: if event == EventType::Modified {
                     prev
                 } else {

@@ -152,6 +152,16 @@ impl ServiceEntry {
     pub fn key(&self) -> (String, String) {
         (self.namespace.clone(), self.name.clone())
     }
+
+    /// Drop spare capacity left by decoding (serde grows vectors as it reads them).
+    pub fn shrink(&mut self) {
+        for b in &mut self.backends {
+            b.ports.shrink_to_fit();
+        }
+        self.backends.shrink_to_fit();
+        self.ports.shrink_to_fit();
+        self.cluster_ips.shrink_to_fit();
+    }
 }
 
 /// A Node compiled for agents: its pod subnet and overlay endpoint.
@@ -322,7 +332,13 @@ impl NodeView {
             } => {
                 self.rev = rev;
                 self.synced = true;
-                self.services = services.into_iter().map(|s| (s.key(), s)).collect();
+                self.services = services
+                    .into_iter()
+                    .map(|mut s| {
+                        s.shrink();
+                        (s.key(), s)
+                    })
+                    .collect();
                 self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
             }
             StreamFrame::Delta { rev, changes } => {
@@ -337,7 +353,8 @@ impl NodeView {
                 }
                 for c in changes {
                     match c {
-                        Change::Service { service } => {
+                        Change::Service { mut service } => {
+                            service.shrink();
                             self.services.insert(service.key(), service);
                         }
                         Change::ServiceRemoved { namespace, name } => {

@@ -5,4 +5,8 @@
 //! [`NodeView`]: weft_model::NodeView
 
 pub mod client;
+pub mod ebpf;
+pub mod local_api;
+pub mod node;
+pub mod overlay;
 pub mod sync;

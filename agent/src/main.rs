@@ -6,10 +6,13 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
 use hyper::Method;
-use std::net::IpAddr;
+use ipnetwork::Ipv4Network;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use weft_agent::client::{ClientError, Endpoint};
+use weft_agent::node;
+use weft_agent::overlay::{self, netlink::NetlinkLinks};
 use weft_model::NodeView;
 
 #[derive(Parser, Debug)]
@@ -27,9 +30,41 @@ struct Args {
     /// This node's name.
     #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: String,
-    /// This node's underlay address.
+    /// This node's underlay address (also its VXLAN endpoint).
     #[arg(long, env = "WEFT_NODE_IP")]
-    node_ip: IpAddr,
+    node_ip: Ipv4Addr,
+    /// The cluster (pod) CIDR: traffic leaving it is masqueraded.
+    #[arg(long, env = "WEFT_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
+    cluster_cidr: Ipv4Network,
+    /// Cluster DNS service address given to pods.
+    #[arg(long, env = "WEFT_CLUSTER_DNS", default_value = "10.96.0.10")]
+    cluster_dns: IpAddr,
+    /// Cluster domain.
+    #[arg(long, env = "WEFT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Where the node state for the CNI plugin is written.
+    #[arg(long, env = "WEFT_NODE_STATE", default_value = "/run/weft/node.json")]
+    node_state: PathBuf,
+    /// Underlay MTU; detected from the interface holding --node-ip when unset.
+    #[arg(long, env = "WEFT_UNDERLAY_MTU")]
+    underlay_mtu: Option<u32>,
+    /// Reconcile the kernel at least this often, even without changes.
+    #[arg(long, env = "WEFT_RESYNC_SECONDS", default_value_t = 5)]
+    resync_seconds: u64,
+    /// Unix socket where the CNI plugin reports pods.
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SOCKET",
+        default_value = "/run/weft/agent.sock"
+    )]
+    socket: PathBuf,
+    /// The CNI plugin's IPAM directory for this node's network (`<ipamDir>/<network name>`):
+    /// pods wired while the agent was away are found there.
+    #[arg(long, env = "WEFT_IPAM_DIR", default_value = "/var/lib/weft/ipam/weft")]
+    ipam_dir: PathBuf,
+    /// Do not program the overlay (follow the stream only).
+    #[arg(long, env = "WEFT_NO_OVERLAY")]
+    no_overlay: bool,
 }
 
 fn main() {
@@ -49,9 +84,10 @@ fn main() {
 /// Create the Node, or keep the existing one (and its podCIDR), then report it Ready.
 async fn register(ep: &Endpoint, name: &str, ip: IpAddr) -> anyhow::Result<()> {
     let path = format!("/api/v1/nodes/{name}");
+    let mac = overlay::format_mac(&overlay::vtep_mac(name));
     let node = serde_json::json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "annotations": {"weft.dev/vtep-ip": ip.to_string()}},
+        "metadata": {"name": name, "annotations": {"weft.dev/vtep-ip": ip.to_string(), "weft.dev/vtep-mac": mac}},
         "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}
     });
     match ep.call(Method::GET, &path, None).await {
@@ -69,6 +105,19 @@ async fn register(ep: &Endpoint, name: &str, ip: IpAddr) -> anyhow::Result<()> {
     }
     let (_, cur) = ep.call(Method::GET, &path, None).await?;
     let mut cur: serde_json::Value = serde_json::from_slice(&cur)?;
+    // Keep the VTEP annotations current (an address change, or a Node created by hand).
+    let ann = &cur["metadata"]["annotations"];
+    if ann["weft.dev/vtep-ip"] != ip.to_string().as_str()
+        || ann["weft.dev/vtep-mac"] != mac.as_str()
+    {
+        cur["metadata"]["annotations"]["weft.dev/vtep-ip"] = ip.to_string().into();
+        cur["metadata"]["annotations"]["weft.dev/vtep-mac"] = mac.clone().into();
+        let (_, updated) = ep
+            .call(Method::PUT, &path, Some(Bytes::from(cur.to_string())))
+            .await
+            .context("updating the Node's VTEP annotations")?;
+        cur = serde_json::from_slice(&updated)?;
+    }
     cur["status"] = serde_json::json!({
         "addresses": [{"type": "InternalIP", "address": ip.to_string()}],
         "conditions": [{"type": "Ready", "status": "True", "reason": "WeftAgentReady", "message": "weft-agent is following the control plane"}],
@@ -81,6 +130,124 @@ async fn register(ep: &Endpoint, name: &str, ip: IpAddr) -> anyhow::Result<()> {
     .await
     .context("reporting the Node ready")?;
     Ok(())
+}
+
+/// Summary of a view for the log line.
+trait Summary {
+    fn summary(&self, node: &str) -> (u64, usize, usize, String);
+}
+
+impl Summary for NodeView {
+    fn summary(&self, node: &str) -> (u64, usize, usize, String) {
+        let subnet = self
+            .nodes
+            .get(node)
+            .map(|n| n.pod_cidrs.join(","))
+            .unwrap_or_default();
+        (self.rev, self.services.len(), self.nodes.len(), subnet)
+    }
+}
+
+/// The overlay and node setup, reconciled on every view change and on a timer.
+struct NodeLoop {
+    cfg: overlay::OverlayConfig,
+    links: NetlinkLinks,
+    cluster: Ipv4Network,
+    dns: node::DnsConfig,
+    state_path: PathBuf,
+    last_error: Option<String>,
+}
+
+impl NodeLoop {
+    async fn new(args: &Args) -> anyhow::Result<NodeLoop> {
+        let links = NetlinkLinks::new().context("opening netlink")?;
+        let underlay_mtu = match args.underlay_mtu {
+            Some(m) => m,
+            None => links.mtu_of_address(args.node_ip).await?.with_context(|| {
+                format!(
+                    "no interface holds --node-ip {}; pass --underlay-mtu or fix the address",
+                    args.node_ip
+                )
+            })?,
+        };
+        node::ensure_forwarding().context("enabling IP forwarding")?;
+        Ok(NodeLoop {
+            cfg: overlay::OverlayConfig {
+                node: args.node_name.clone(),
+                node_ip: args.node_ip,
+                underlay_mtu,
+            },
+            links,
+            cluster: args.cluster_cidr,
+            dns: node::DnsConfig {
+                nameserver: args.cluster_dns,
+                domain: args.cluster_domain.clone(),
+            },
+            state_path: args.node_state.clone(),
+            last_error: None,
+        })
+    }
+
+    fn report(&mut self, err: Option<String>) {
+        if err != self.last_error {
+            match &err {
+                Some(e) => tracing::warn!(error = %e, "node not in its desired state"),
+                None if self.last_error.is_some() => {
+                    tracing::info!("node back in its desired state")
+                }
+                None => {}
+            }
+            self.last_error = err;
+        }
+    }
+
+    async fn sync(&mut self, view: &weft_agent::sync::SharedView) {
+        let planned = {
+            let v = view.read().unwrap_or_else(|p| p.into_inner());
+            if !v.synced {
+                return;
+            }
+            overlay::plan(&v, &self.cfg)
+        };
+        let (want, skipped) = match planned {
+            Ok(p) => p,
+            Err(e) => return self.report(Some(e.to_string())),
+        };
+        for s in &skipped {
+            tracing::debug!(peer = %s, "peer not programmed yet");
+        }
+        let mut errors = Vec::new();
+        match overlay::reconcile(&self.links, &want).await {
+            Ok(out) => {
+                if !out.applied.is_empty() {
+                    tracing::info!(
+                        ops = out.applied.len(),
+                        peers = want.peers.len(),
+                        "overlay reconciled"
+                    );
+                    for op in &out.applied {
+                        tracing::debug!(?op, "applied");
+                    }
+                }
+                errors.extend(out.errors);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        if let Err(e) = node::ensure_masquerade(self.cluster) {
+            errors.push(e.to_string());
+        }
+        match node::write_atomic(
+            &self.state_path,
+            &node::node_state(&want, self.cluster, &self.dns),
+        ) {
+            Ok(true) => {
+                tracing::info!(path = %self.state_path.display(), subnet = %want.subnet, "node state written")
+            }
+            Ok(false) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        self.report((!errors.is_empty()).then(|| errors.join("; ")));
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -99,21 +266,63 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        register(&ep, &args.node_name, args.node_ip).await?;
+        register(&ep, &args.node_name, IpAddr::V4(args.node_ip)).await?;
         tracing::info!(node = %args.node_name, "registered");
         let view: weft_agent::sync::SharedView = Arc::new(RwLock::new(NodeView::default()));
         let (tx, mut rx) = tokio::sync::watch::channel(0u64);
         tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx));
+        let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
+        let reports_tx_late = reports_tx.clone();
+        weft_agent::local_api::listen(&args.socket, reports_tx)?;
+        // Pods wired while the agent was away: re-read the plugin's claims now and then.
+        let claims_tx = reports_tx_late.clone();
+        let ipam_dir = args.ipam_dir.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                for r in weft_agent::local_api::claims(&ipam_dir) {
+                    if seen.insert((r.pod_namespace.clone(), r.pod_name.clone(), r.ip.clone())) {
+                        let _ = claims_tx.send(r).await;
+                    }
+                }
+            }
+        });
+        let rep_ep = ep.clone();
+        tokio::spawn(async move {
+            while let Some(r) = reports.recv().await {
+                let mut delay = std::time::Duration::from_millis(100);
+                for attempt in 1..=5 {
+                    match weft_agent::local_api::report(&rep_ep, &r).await {
+                        Ok(()) => {
+                            tracing::info!(op = %r.op, pod = %format!("{}/{}", r.pod_namespace, r.pod_name), ip = r.address(), "pod reported");
+                            break;
+                        }
+                        Err(e) if attempt == 5 => tracing::warn!(error = %e, pod = %r.pod_name, "could not report the pod"),
+                        Err(_) => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
+                }
+            }
+        });
+        let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args).await?) };
+        let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
         loop {
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() { break; }
                     rx.borrow_and_update();
-                    let v = view.read().unwrap_or_else(|p| p.into_inner());
-                    let subnet = v.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
-                    tracing::info!(rev = v.rev, services = v.services.len(), nodes = v.nodes.len(), subnet, "view updated");
+                    let v = view.read().unwrap_or_else(|p| p.into_inner()).summary(&args.node_name);
+                    tracing::info!(rev = v.0, services = v.1, nodes = v.2, subnet = v.3, "view updated");
                 }
+                _ = resync.tick() => {}
                 _ = tokio::signal::ctrl_c() => break,
+            }
+            if let Some(n) = node.as_mut() {
+                n.sync(&view).await;
             }
         }
         Ok(())

@@ -383,6 +383,20 @@ impl Demo {
                 &node.name(),
                 "--node-ip",
                 &node.ip(),
+                "--cluster-cidr",
+                "198.18.128.0/17",
+                "--cluster-dns",
+                "198.19.0.10",
+                "--node-state",
+                &self
+                    .tmp
+                    .join(format!("{}.node.json", node.name()))
+                    .to_string_lossy(),
+                "--socket",
+                &self
+                    .tmp
+                    .join(format!("{}.agent.sock", node.name()))
+                    .to_string_lossy(),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -688,6 +702,50 @@ impl Demo {
             bad.is_empty(),
             format!("control plane answers on {API} from every node namespace"),
             bad.join("; "),
+        ));
+
+        // The VXLAN overlay: every node reaches every other node's pod gateway
+        // (the .1 of its subnet, on that node's bridge) through weft.1. The
+        // agents program it on their own; allow them a few reconcile rounds.
+        let gateways: Vec<(String, String)> = st
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let cidr = str_at(n, "/spec/podCIDR");
+                let (net, _) = parse_cidr(cidr).ok()?;
+                Some((
+                    str_at(n, "/metadata/name").to_string(),
+                    Ipv4Addr::from(u32::from(net) + 1).to_string(),
+                ))
+            })
+            .collect();
+        let mut bad = Vec::new();
+        for node in nodes() {
+            for (peer, gw) in &gateways {
+                if *peer == node.name() {
+                    continue;
+                }
+                let reached = (0..20).any(|i| {
+                    if i > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(250));
+                    }
+                    Command::new("ip")
+                        .args(["netns", "exec", &self.ns(&node.role())])
+                        .args(["ping", "-c", "1", "-W", "1", gw])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                });
+                if !reached {
+                    bad.push(format!("{} -> {peer} ({gw})", node.name()));
+                }
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            "VXLAN overlay: every node reaches every other node's pod gateway",
+            format!("unreachable: {}", bad.join(", ")),
         ));
 
         // Node subnets.

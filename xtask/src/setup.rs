@@ -5,8 +5,9 @@ use crate::util;
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
-/// Debian packages the tests, the demo and the dataplanes use, with a
-/// program each provides (to recognise it where dpkg is absent).
+/// Debian packages the tests, the demo, the dataplanes and the eBPF build
+/// use, with a program each provides, or for libraries an absolute path to a
+/// file each installs (to recognise it where dpkg is absent).
 pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iptables", "iptables"),
@@ -15,13 +16,27 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("procps", "ps"),
     ("curl", "curl"),
+    ("iputils-ping", "ping"),
+    // bpf-linker is built against Debian's LLVM 22, the LLVM of the pinned
+    // rustc (they must share the major version).
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
 ];
 
 /// Packages without which the tests cannot run at all.
 const REQUIRED: &[&str] = &["iproute2"];
 
-/// rustup components of the pinned toolchain.
-pub const COMPONENTS: &[&str] = &["rustfmt", "clippy"];
+/// rustup components of the pinned toolchain. rust-src: the eBPF crate is
+/// built with `-Z build-std=core` (agent/build.rs).
+pub const COMPONENTS: &[&str] = &["rustfmt", "clippy", "rust-src"];
+
+/// bpf-linker links the eBPF crate; this version works with aya-ebpf 0.2.1
+/// and LLVM 22 (its default feature is llvm-23, absent here).
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Where bpf-linker's build finds LLVM.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -60,6 +75,7 @@ pub fn run(check: bool) -> Result<()> {
     let mut report = Report { lines: Vec::new() };
     let apt_ok = apt(check, &mut report)?;
     let rust_ok = components(check, &mut report)?;
+    let linker_ok = bpf_linker(check, &mut report)?;
     let missing = report.missing();
     if check {
         if !missing.is_empty() {
@@ -84,7 +100,7 @@ pub fn run(check: bool) -> Result<()> {
             fatal.join(" ")
         );
     }
-    if !(apt_ok && rust_ok) {
+    if !(apt_ok && rust_ok && linker_ok) {
         eprintln!(
             "setup: continuing without {} (see above for how to install)",
             missing.join(", ")
@@ -106,6 +122,9 @@ fn package_present(pkg: &str, program: &str, have_dpkg: bool) -> bool {
             o.status.success()
                 && String::from_utf8_lossy(&o.stdout).trim() == "install ok installed"
         });
+    }
+    if program.starts_with('/') {
+        return std::path::Path::new(program).exists();
     }
     util::on_path(program)
         || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
@@ -255,4 +274,84 @@ fn installed_components(toolchain: &str) -> Result<Vec<String>> {
         toolchain,
     ]))?;
     Ok(out.lines().map(|l| l.trim().to_string()).collect())
+}
+
+/// The installed bpf-linker's version line, if it runs.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker")
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn has_wanted_linker(version: Option<&str>) -> bool {
+    version.is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+/// Check (and unless `check`, `cargo install`) bpf-linker at
+/// [`BPF_LINKER_VERSION`], built against Debian's LLVM 22. Returns whether it is in place.
+fn bpf_linker(check: bool, report: &mut Report) -> Result<bool> {
+    let item = format!("bpf-linker {BPF_LINKER_VERSION}");
+    let found = bpf_linker_version();
+    if has_wanted_linker(found.as_deref()) {
+        report.add(State::Ok, item);
+        return Ok(true);
+    }
+    let mut install = util::cargo();
+    install.env("LLVM_PREFIX", LLVM_PREFIX).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]);
+    let llvm = std::path::Path::new(LLVM_PREFIX).join("bin/llvm-config");
+    if check || !llvm.exists() {
+        report.add(State::Missing, item);
+        let have = found.map_or_else(|| "not on PATH".to_string(), |v| format!("found {v}"));
+        let first = if llvm.exists() {
+            String::new()
+        } else {
+            "install llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev (as root), then "
+                .to_string()
+        };
+        eprintln!(
+            "  bpf-linker: {have}; to install: {first}LLVM_PREFIX={LLVM_PREFIX} {}",
+            util::display(&install)
+        );
+        return Ok(false);
+    }
+    // About 1-2 minutes on two cores.
+    util::run(&mut install)?;
+    let now = bpf_linker_version();
+    if !has_wanted_linker(now.as_deref()) {
+        bail!(
+            "cargo install finished but `bpf-linker --version` gives {} \
+             (is ~/.cargo/bin on PATH, ahead of other bpf-linkers?)",
+            now.as_deref().unwrap_or("nothing")
+        );
+    }
+    report.add(State::Installed, item);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_the_pinned_bpf_linker() {
+        assert!(has_wanted_linker(Some("bpf-linker 0.13.0")));
+        assert!(!has_wanted_linker(Some("bpf-linker 0.13.01")));
+        assert!(!has_wanted_linker(Some("bpf-linker 0.9.15")));
+        assert!(!has_wanted_linker(None));
+    }
 }

@@ -47,8 +47,21 @@ pub enum LocalApiError {
     },
 }
 
-/// Listen on `path` (replacing a stale socket) and forward reports to `out`.
-pub fn listen(path: &Path, out: mpsc::Sender<PodReport>) -> Result<(), LocalApiError> {
+/// A question from netctl, answered with one JSON line.
+#[derive(Debug)]
+pub struct Query {
+    /// What is asked (`overlay`).
+    pub what: String,
+    pub reply: tokio::sync::oneshot::Sender<serde_json::Value>,
+}
+
+/// Listen on `path` (replacing a stale socket): pod reports go to `out`,
+/// queries to `queries` (their answer is written back on the connection).
+pub fn listen(
+    path: &Path,
+    out: mpsc::Sender<PodReport>,
+    queries: mpsc::Sender<Query>,
+) -> Result<(), LocalApiError> {
     let bind = |source| LocalApiError::Bind {
         path: path.display().to_string(),
         source,
@@ -65,15 +78,43 @@ pub fn listen(path: &Path, out: mpsc::Sender<PodReport>) -> Result<(), LocalApiE
                 continue;
             };
             let out = out.clone();
+            let queries = queries.clone();
             tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stream).lines();
+                let (rd, mut wr) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(rd).lines();
                 let read = tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await;
                 let Ok(Ok(Some(line))) = read else { return };
-                match serde_json::from_str::<PodReport>(&line) {
-                    Ok(r) => {
-                        let _ = out.send(r).await;
+                let op = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string));
+                match op.as_deref() {
+                    Some("add") | Some("del") => match serde_json::from_str::<PodReport>(&line) {
+                        Ok(r) => {
+                            let _ = out.send(r).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "malformed report on the local API"),
+                    },
+                    Some(what) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let _ = queries
+                            .send(Query {
+                                what: what.to_string(),
+                                reply: tx,
+                            })
+                            .await;
+                        let answer = tokio::time::timeout(Duration::from_secs(10), rx)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or_else(
+                                || serde_json::json!({"error": "the agent did not answer"}),
+                            );
+                        let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
+                        bytes.push(b'\n');
+                        use tokio::io::AsyncWriteExt;
+                        let _ = wr.write_all(&bytes).await;
                     }
-                    Err(e) => tracing::warn!(error = %e, "malformed report on the local API"),
+                    None => tracing::warn!("malformed line on the local API"),
                 }
             });
         }
@@ -226,8 +267,25 @@ mod tests {
     async fn socket_forwards_reports() {
         let path = std::env::temp_dir().join(format!("weft-agent-sock-{}", std::process::id()));
         let (tx, mut rx) = mpsc::channel(4);
-        listen(&path, tx).unwrap();
-        use tokio::io::AsyncWriteExt;
+        let (qtx, mut qrx) = mpsc::channel(4);
+        listen(&path, tx, qtx).unwrap();
+        tokio::spawn(async move {
+            while let Some(q) = qrx.recv().await {
+                let _ = q.reply.send(serde_json::json!({"asked": q.what}));
+            }
+        });
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"{\"op\":\"overlay\"}\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::io::BufReader::new(c)
+            .read_line(&mut answer)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&answer).unwrap()["asked"],
+            "overlay"
+        );
         let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
         s.write_all(b"{\"op\":\"del\",\"containerID\":\"c1\",\"ip\":\"198.18.128.9\"}\n")
             .await

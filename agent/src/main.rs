@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use weft_agent::client::{ClientError, Endpoint};
 use weft_agent::node;
-use weft_agent::overlay::{self, netlink::NetlinkLinks};
+use weft_agent::overlay::{self, netlink::NetlinkLinks, Links};
 use weft_model::NodeView;
 
 #[derive(Parser, Debug)]
@@ -201,6 +201,27 @@ impl NodeLoop {
         }
     }
 
+    /// The overlay as `netctl overlay` shows it.
+    async fn describe(&self, view: &weft_agent::sync::SharedView) -> serde_json::Value {
+        let planned = {
+            let v = view.read().unwrap_or_else(|p| p.into_inner());
+            overlay::plan(&v, &self.cfg)
+        };
+        let have = match self.links.observe().await {
+            Ok(h) => h,
+            Err(e) => return serde_json::json!({"node": self.cfg.node, "error": e.to_string()}),
+        };
+        match planned {
+            Ok((want, _)) => overlay::describe(
+                &self.cfg.node,
+                Some(&want),
+                &have,
+                self.last_error.as_deref(),
+            ),
+            Err(e) => overlay::describe(&self.cfg.node, None, &have, Some(&e.to_string())),
+        }
+    }
+
     async fn sync(&mut self, view: &weft_agent::sync::SharedView) {
         let planned = {
             let v = view.read().unwrap_or_else(|p| p.into_inner());
@@ -273,7 +294,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx));
         let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
         let reports_tx_late = reports_tx.clone();
-        weft_agent::local_api::listen(&args.socket, reports_tx)?;
+        let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<weft_agent::local_api::Query>(16);
+        weft_agent::local_api::listen(&args.socket, reports_tx, queries_tx)?;
         // Pods wired while the agent was away: re-read the plugin's claims now and then.
         let claims_tx = reports_tx_late.clone();
         let ipam_dir = args.ipam_dir.clone();
@@ -319,6 +341,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tracing::info!(rev = v.0, services = v.1, nodes = v.2, subnet = v.3, "view updated");
                 }
                 _ = resync.tick() => {}
+                Some(q) = queries.recv() => {
+                    let answer = match (q.what.as_str(), node.as_ref()) {
+                        ("overlay", Some(n)) => n.describe(&view).await,
+                        ("overlay", None) => serde_json::json!({"error": "this agent runs with --no-overlay"}),
+                        (other, _) => serde_json::json!({"error": format!("unknown query {other:?}")}),
+                    };
+                    let _ = q.reply.send(answer);
+                    continue;
+                }
                 _ = tokio::signal::ctrl_c() => break,
             }
             if let Some(n) = node.as_mut() {

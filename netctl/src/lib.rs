@@ -5,6 +5,7 @@ pub mod apply;
 pub mod client;
 pub mod delete;
 pub mod get;
+pub mod overlay;
 pub mod source;
 pub mod table;
 
@@ -71,6 +72,8 @@ pub enum Command {
     Get(get::GetArgs),
     /// Delete objects by kind and name, or those in manifests.
     Delete(delete::DeleteArgs),
+    /// Show this node's VXLAN overlay (asks the local weft-agent).
+    Overlay(overlay::OverlayArgs),
 }
 
 /// What every command needs: the client and the namespace flags.
@@ -116,6 +119,7 @@ pub fn run_cli(cli: Cli) -> Result<ExitCode> {
             Command::Apply(args) => apply::run(&ctx, &args, &mut out, &mut err).await,
             Command::Get(args) => get::run(&ctx, &args, &mut out, &mut err).await,
             Command::Delete(args) => delete::run(&ctx, &args, &mut out, &mut err).await,
+            Command::Overlay(args) => overlay::run(&args, &mut out).await,
         }
     });
     let _ = out.flush();

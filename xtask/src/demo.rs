@@ -223,6 +223,20 @@ impl Demo {
         let mut checks = self.checks(&state)?;
         checks.extend(self.restart_checks(&state)?);
         print_summary(&self.prefix, &state, &checks);
+        // What an operator on node-1 sees of the overlay.
+        let mut overlay = Command::new("ip");
+        overlay
+            .args(["netns", "exec", &self.ns("n1")])
+            .arg(self.bin("netctl"))
+            .args(["overlay", "--socket"])
+            .arg(self.tmp.join("node-1.agent.sock"));
+        match util::capture(&mut overlay) {
+            Ok(text) => {
+                println!("\n$ netctl overlay   # on node-1");
+                print!("{text}");
+            }
+            Err(e) => println!("\nnetctl overlay on node-1 failed: {e:#}"),
+        }
         let failed = checks.iter().filter(|c| !c.ok).count();
         if failed > 0 {
             bail!("{failed} demo check(s) failed (see above)");

@@ -416,6 +416,56 @@ pub async fn reconcile<L: Links>(links: &L, want: &Desired) -> Result<Outcome, L
     Ok(out)
 }
 
+/// The overlay as an operator sees it: the node's own side, every peer with
+/// whether its route, neighbour and FDB entry are in the kernel, and the
+/// operations a reconcile would still apply (`netctl overlay`).
+pub fn describe(
+    node: &str,
+    want: Option<&Desired>,
+    have: &Observed,
+    problem: Option<&str>,
+) -> serde_json::Value {
+    use serde_json::json;
+    let peers: Vec<serde_json::Value> = want
+        .map(|w| {
+            w.peers
+                .iter()
+                .map(|p| {
+                    json!({
+                        "node": p.node,
+                        "subnet": p.subnet.to_string(),
+                        "vtep": p.vtep_ip.to_string(),
+                        "mac": format_mac(&p.vtep_mac),
+                        "route": have.routes.contains(&Route { dst: p.subnet, via: p.next_hop() }),
+                        "neighbour": have.neighbours.contains(&Neighbour { ip: p.next_hop(), mac: p.vtep_mac }),
+                        "fdb": have.fdb.contains(&Fdb { mac: p.vtep_mac, dst: p.vtep_ip }),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let pending: Vec<String> = want
+        .map(|w| diff(have, w).iter().map(|o| format!("{o:?}")).collect())
+        .unwrap_or_default();
+    json!({
+        "node": node,
+        "problem": problem,
+        "subnet": want.map(|w| w.subnet.to_string()),
+        "gateway": want.map(|w| w.gateway.to_string()),
+        "mtu": want.map(|w| w.mtu),
+        "vtep": want.map(|w| w.local_ip.to_string()),
+        "vtepMac": want.map(|w| format_mac(&w.vtep_mac)),
+        "bridge": have.bridge.as_ref().map(|b| json!({"mtu": b.mtu, "up": b.up, "addrs": b.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()})),
+        "vxlan": have.vxlan.as_ref().map(|(l, p)| json!({"mtu": l.mtu, "up": l.up, "vni": p.vni, "port": p.port, "learning": p.learning,
+            "local": p.local.map(|x| x.to_string()), "mac": l.mac.as_ref().map(format_mac)})),
+        "routes": have.routes.iter().map(|r| format!("{} via {} onlink", r.dst, r.via)).collect::<Vec<_>>(),
+        "neighbours": have.neighbours.iter().map(|n| format!("{} lladdr {} permanent", n.ip, format_mac(&n.mac))).collect::<Vec<_>>(),
+        "fdb": have.fdb.iter().map(|f| format!("{} dst {}", format_mac(&f.mac), f.dst)).collect::<Vec<_>>(),
+        "peers": peers,
+        "pending": pending,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -158,6 +158,7 @@ mod tests {
             mtu: 1450,
             local_ip: "198.18.0.11".parse().unwrap(),
             vtep_mac: [2, 0, 0, 0, 0, 1],
+            bridge_mac: [2, 0, 0, 0, 0, 2],
             peers: vec![],
         };
         let dns = DnsConfig {

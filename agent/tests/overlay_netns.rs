@@ -64,6 +64,7 @@ fn desired(peers: usize) -> Desired {
         mtu: 1450,
         local_ip: "198.18.0.11".parse().unwrap(),
         vtep_mac: vtep_mac("node-1"),
+        bridge_mac: weft_agent::overlay::bridge_mac("node-1"),
         peers: (0..peers)
             .map(|i| Peer {
                 node: format!("node-{}", i + 2),
@@ -186,6 +187,7 @@ fn node_desired(me: usize, nodes: usize) -> Desired {
         mtu: 1450,
         local_ip: format!("198.18.0.{}", 10 + me).parse().unwrap(),
         vtep_mac: vtep_mac(&name(me)),
+        bridge_mac: weft_agent::overlay::bridge_mac(&name(me)),
         peers: (1..=nodes)
             .filter(|i| *i != me)
             .map(|i| Peer {

@@ -44,18 +44,19 @@ impl Links for FakeLinks {
     async fn apply(&self, op: &Op) -> Result<(), LinksError> {
         let mut k = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match op {
-            Op::CreateBridge { mtu } => {
+            Op::CreateBridge { mtu, mac } => {
                 k.bridge = Some(LinkState {
                     index: 10,
                     mtu: *mtu,
                     up: true,
-                    mac: None,
+                    mac: Some(*mac),
                     addrs: vec![],
                 })
             }
-            Op::SetBridge { mtu } => {
+            Op::SetBridge { mtu, mac } => {
                 let b = k.bridge.as_mut().ok_or_else(|| missing(op, "bridge"))?;
                 b.mtu = *mtu;
+                b.mac = Some(*mac);
                 b.up = true;
             }
             Op::AddBridgeAddr(a) => k

@@ -51,6 +51,15 @@ pub fn vtep_mac(node: &str) -> Mac {
     [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
+/// The bridge's MAC: pinned (else the kernel takes the lowest port MAC, and
+/// the pods' gateway MAC would change as pods come and go).
+pub fn bridge_mac(node: &str) -> Mac {
+    let mut m = vtep_mac(node);
+    m[5] ^= 0x5a;
+    m[4] ^= 0xa5;
+    m
+}
+
 pub fn format_mac(m: &Mac) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -99,6 +108,7 @@ pub struct Desired {
     pub mtu: u32,
     pub local_ip: Ipv4Addr,
     pub vtep_mac: Mac,
+    pub bridge_mac: Mac,
     pub peers: Vec<Peer>,
 }
 
@@ -178,6 +188,7 @@ pub fn plan(view: &NodeView, cfg: &OverlayConfig) -> Result<(Desired, Vec<String
             mtu: cfg.mtu(),
             local_ip: cfg.node_ip,
             vtep_mac: vtep_mac(&cfg.node),
+            bridge_mac: bridge_mac(&cfg.node),
             peers,
         },
         skipped,
@@ -239,9 +250,11 @@ pub struct Observed {
 pub enum Op {
     CreateBridge {
         mtu: u32,
+        mac: Mac,
     },
     SetBridge {
         mtu: u32,
+        mac: Mac,
     },
     AddBridgeAddr(Ipv4Network),
     DelBridgeAddr(Ipv4Network),
@@ -270,12 +283,18 @@ pub fn diff(have: &Observed, want: &Desired) -> Vec<Op> {
     let mut ops = Vec::new();
     match &have.bridge {
         None => {
-            ops.push(Op::CreateBridge { mtu: want.mtu });
+            ops.push(Op::CreateBridge {
+                mtu: want.mtu,
+                mac: want.bridge_mac,
+            });
             ops.push(Op::AddBridgeAddr(want.gateway));
         }
         Some(b) => {
-            if b.mtu != want.mtu || !b.up {
-                ops.push(Op::SetBridge { mtu: want.mtu });
+            if b.mtu != want.mtu || !b.up || b.mac != Some(want.bridge_mac) {
+                ops.push(Op::SetBridge {
+                    mtu: want.mtu,
+                    mac: want.bridge_mac,
+                });
             }
             if !b.addrs.contains(&want.gateway) {
                 ops.push(Op::AddBridgeAddr(want.gateway));

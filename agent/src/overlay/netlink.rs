@@ -286,18 +286,30 @@ impl Links for NetlinkLinks {
     async fn apply(&self, op: &Op) -> Result<(), LinksError> {
         let what = || format!("{op:?}");
         match op {
-            Op::CreateBridge { mtu } => self
+            Op::CreateBridge { mtu, mac } => self
                 .handle
                 .link()
-                .add(LinkBridge::new(BRIDGE).mtu(*mtu).up().build())
+                .add(
+                    LinkBridge::new(BRIDGE)
+                        .mtu(*mtu)
+                        .address(mac.to_vec())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(|e| nl(what(), e)),
-            Op::SetBridge { mtu } => {
+            Op::SetBridge { mtu, mac } => {
                 let index = self.index(BRIDGE, op).await?;
                 self.handle
                     .link()
-                    .set(LinkUnspec::new_with_index(index).mtu(*mtu).up().build())
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .mtu(*mtu)
+                            .address(mac.to_vec())
+                            .up()
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| nl(what(), e))

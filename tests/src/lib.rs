@@ -3,6 +3,8 @@
 //! up after itself even when a test fails.
 
 pub mod bench;
+pub mod benchnet;
+pub mod cluster;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -39,21 +41,52 @@ pub fn node_token(name: &str) -> String {
     format!("node-token-{name}")
 }
 
-/// A weft-control process on loopback with its own data directory.
+/// A weft-control process with its own data directory: on loopback, or
+/// inside a network namespace ([`ControlProcess::start_in_netns`]).
 pub struct ControlProcess {
     child: Option<Child>,
+    /// Where the server listens (inside its namespace, if any).
     pub addr: SocketAddr,
     pub dir: PathBuf,
     extra: Vec<String>,
+    /// `ip netns exec` target and the listen address to ask for.
+    netns: Option<String>,
+    listen: String,
+    /// A loopback forwarder into the namespace, for this process's clients.
+    forward: Option<cluster::Forwarder>,
 }
 
 impl ControlProcess {
     /// Start on 127.0.0.1 with the test address plan; `dir` holds data, tokens and the log.
     pub fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<ControlProcess> {
+        Self::start_with(dir, None, "127.0.0.1:0", extra)
+    }
+
+    /// Start inside network namespace `netns` (`ip netns exec`), listening on
+    /// `listen` there. [`ControlProcess::server`] is that address (for agents
+    /// in the namespaces); [`ControlProcess::client`] goes through a loopback
+    /// forwarder so the test process reaches it too.
+    pub fn start_in_netns(
+        dir: &Path,
+        netns: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ControlProcess> {
+        Self::start_with(dir, Some(netns), listen, extra)
+    }
+
+    fn start_with(
+        dir: &Path,
+        netns: Option<&str>,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ControlProcess> {
         std::fs::create_dir_all(dir)?;
         let mut tokens =
             format!("{ADMIN_TOKEN},admin,1,\"system:masters\"\n{VIEWER_TOKEN},viewer,2\n");
-        for n in ["n1", "n2", "n3", "node-1", "node-2", "node-3"] {
+        for n in [
+            "n1", "n2", "n3", "node-1", "node-2", "node-3", "node-4", "node-5", "node-6",
+        ] {
             tokens.push_str(&format!(
                 "{},system:node:{n},{n},\"system:nodes\"\n",
                 node_token(n)
@@ -65,8 +98,14 @@ impl ControlProcess {
             addr: "127.0.0.1:0".parse()?,
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_string),
+            listen: listen.to_string(),
+            forward: None,
         };
         p.spawn()?;
+        if let Some(ns) = netns {
+            p.forward = Some(cluster::Forwarder::start(ns, p.addr)?);
+        }
         Ok(p)
     }
 
@@ -75,9 +114,17 @@ impl ControlProcess {
             .create(true)
             .append(true)
             .open(self.dir.join("control.log"))?;
-        let mut child = Command::new(bin("weft-control")?)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("weft-control")?);
+                c
+            }
+            None => Command::new(bin("weft-control")?),
+        };
+        let mut child = cmd
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .arg("--token-file")
@@ -151,9 +198,15 @@ impl ControlProcess {
         format!("http://{}", self.addr)
     }
 
+    /// A client for this process (through the forwarder when the server is
+    /// inside a namespace).
     pub fn client(&self, token: &str) -> Api {
+        let base = match &self.forward {
+            Some(f) => format!("http://{}", f.addr),
+            None => self.server(),
+        };
         Api {
-            ep: Endpoint::parse(&self.server(), token).expect("harness builds a valid URL"),
+            ep: Endpoint::parse(&base, token).expect("harness builds a valid URL"),
         }
     }
 

@@ -1425,6 +1425,31 @@ impl Inner {
 
     /// Releases for deleted objects and the endpoint controller's reaction to staged writes.
     fn run_controllers(&mut self, st: &mut Staged) {
+        // Pod garbage collection (Kubernetes' podgc): Pods bound to a Node that
+        // is deleted go with it, so their endpoints do not outlive the node.
+        let gone_nodes: Vec<String> = st
+            .writes
+            .iter()
+            .filter(|(k, v)| k.kind == Kind::Node && v.is_none())
+            .map(|(k, _)| k.name.clone())
+            .collect();
+        if !gone_nodes.is_empty() {
+            let orphans: Vec<ObjectKey> = self
+                .range(Kind::Pod, None)
+                .filter(|s| match &*s.obj {
+                    Object::Pod(p) => p
+                        .spec
+                        .as_ref()
+                        .and_then(|x| x.node_name.as_ref())
+                        .is_some_and(|n| gone_nodes.contains(n)),
+                    _ => false,
+                })
+                .map(|s| s.obj.key())
+                .collect();
+            for k in orphans {
+                st.writes.entry(k).or_insert(None);
+            }
+        }
         let mut services: BTreeSet<(String, String)> = BTreeSet::new();
         let writes: Vec<(ObjectKey, Option<Object>)> = st
             .writes

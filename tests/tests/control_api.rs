@@ -276,6 +276,13 @@ fn endpoint_controller_follows_pods() {
         api.delete(&format!("{SVCS}/many")).await.unwrap();
         let left = api.get(&format!("{SLICES}?labelSelector=kubernetes.io%2Fservice-name%3Dmany")).await.unwrap();
         assert_eq!(left["items"].as_array().unwrap().len(), 0);
+
+        // a deleted Node takes its Pods (and so their endpoints) with it
+        api.post("/api/v1/nodes", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"}})).await.unwrap();
+        api.delete("/api/v1/nodes/n2").await.unwrap();
+        assert_eq!(api.get(&format!("{PODS}/web-1")).await.unwrap_err().code, 404, "web-1 ran on n2");
+        let slices = api.get(SLICES).await.unwrap();
+        assert_eq!(endpoints_of(&slices, "web").iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["198.18.130.2"]);
     });
 }
 

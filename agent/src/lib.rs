@@ -5,6 +5,7 @@
 //! [`NodeView`]: weft_model::NodeView
 
 pub mod client;
+pub mod dataplane;
 pub mod ebpf;
 pub mod local_api;
 pub mod node;

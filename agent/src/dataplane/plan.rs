@@ -1,0 +1,276 @@
+//! The node's service plan: for every proxied Service, its frontends on this
+//! node (cluster IPs, NodePorts on the node's addresses, allowed external IPs,
+//! load-balancer IPs) and, per port, the backends each kind of traffic may
+//! use under the Service's traffic policies. Pure: built from the view and
+//! the node's settings.
+
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+use weft_model::view::{FrontendPort, Protocol};
+use weft_model::{Backend, NodeView, ServiceEntry};
+
+/// What the plan needs to know about this node.
+#[derive(Clone, Debug)]
+pub struct PlanConfig {
+    pub node: String,
+    /// Addresses NodePorts answer on (the node's own addresses).
+    pub node_addresses: Vec<IpAddr>,
+    /// Also answer NodePorts on 127.0.0.1 (off by default, as in kube-proxy's
+    /// `--nodeport-addresses` without loopback).
+    pub localhost_node_ports: bool,
+    /// externalIPs are honoured only inside these ranges (CVE-2020-8554);
+    /// empty = none.
+    pub external_ip_allow: Vec<IpNetwork>,
+    /// The pod CIDR: dataplanes tell pod sources from others by it.
+    pub cluster_cidr: IpNetwork,
+}
+
+/// How a frontend is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Traffic to cluster IPs is internal; the rest is external (traffic policies).
+    pub fn external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
+/// One address:port a Service answers on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Index into [`PlannedService::ports`].
+    pub port_index: usize,
+}
+
+/// A backend address and port for one Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Target {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub local: bool,
+}
+
+/// The backends of one Service port, by traffic kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortBackends {
+    /// Internal traffic (to cluster IPs): all usable endpoints, or only local
+    /// ones under `internalTrafficPolicy: Local`.
+    pub internal: Vec<Target>,
+    /// External traffic from outside the cluster: all usable endpoints, or
+    /// only local ones under `externalTrafficPolicy: Local`.
+    pub external: Vec<Target>,
+    /// Usable endpoints anywhere (pods and the node reaching an external
+    /// frontend of an `externalTrafficPolicy: Local` Service use these).
+    pub cluster: Vec<Target>,
+    /// Whether any endpoint exists for this port at all (ready or not):
+    /// distinguishes "no endpoints" (REJECT) from "none usable here" (DROP).
+    pub any: bool,
+}
+
+/// One Service as this node serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedService {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<FrontendPort>,
+    pub frontends: Vec<Frontend>,
+    pub backends: Vec<PortBackends>,
+    pub affinity_timeout: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub health_check_node_port: Option<u16>,
+    /// `weft.dev/*` options (e.g. the backend selection algorithm).
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+/// Every proxied Service on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub services: Vec<PlannedService>,
+    /// externalIPs that were not programmed because no allow-list range holds them.
+    pub denied_external_ips: Vec<(String, IpAddr)>,
+    /// Backends never programmed (loopback, link-local, unspecified, multicast).
+    pub rejected_backends: Vec<(String, IpAddr)>,
+}
+
+/// Addresses a backend may never have: a Service must not become a way to
+/// reach the node's loopback, link-local or multicast space.
+pub fn forbidden_backend(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_link_local()
+                || o[0] == 0
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn usable<'a>(backends: &[&'a Backend]) -> Vec<&'a Backend> {
+    // Ready endpoints; when none is ready, serving terminating ones (KEP-1669).
+    let ready: Vec<&Backend> = backends.iter().copied().filter(|b| b.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    backends
+        .iter()
+        .copied()
+        .filter(|b| b.serving && b.terminating)
+        .collect()
+}
+
+fn targets(bs: &[&Backend], port: &FrontendPort, node: &str) -> Vec<Target> {
+    let mut out: Vec<Target> = bs
+        .iter()
+        .filter_map(|b| {
+            Some(Target {
+                ip: b.ip,
+                port: b.port_for(&port.name, port.protocol)?,
+                local: b.is_local(node),
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Build the plan for this node from the view.
+pub fn build(view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
+    let mut plan = ServicePlan::default();
+    for svc in view.services.values() {
+        if let Some(p) = plan_service(svc, cfg, &mut plan) {
+            plan.services.push(p);
+        }
+    }
+    plan
+}
+
+fn plan_service(
+    svc: &ServiceEntry,
+    cfg: &PlanConfig,
+    plan: &mut ServicePlan,
+) -> Option<PlannedService> {
+    if !svc.proxied || svc.headless || svc.external_name.is_some() || svc.cluster_ips.is_empty() {
+        return None;
+    }
+    let key = format!("{}/{}", svc.namespace, svc.name);
+    let mut valid: Vec<&Backend> = Vec::new();
+    for b in &svc.backends {
+        if forbidden_backend(b.ip) {
+            plan.rejected_backends.push((key.clone(), b.ip));
+        } else {
+            valid.push(b);
+        }
+    }
+    let mut external_ips = Vec::new();
+    for ip in &svc.external_ips {
+        if cfg.external_ip_allow.iter().any(|n| n.contains(*ip)) {
+            external_ips.push(*ip);
+        } else {
+            plan.denied_external_ips.push((key.clone(), *ip));
+        }
+    }
+    let mut node_addrs = cfg.node_addresses.clone();
+    if cfg.localhost_node_ports {
+        node_addrs.push(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    }
+    let mut frontends = Vec::new();
+    let mut backends = Vec::new();
+    for (i, port) in svc.ports.iter().enumerate() {
+        for ip in &svc.cluster_ips {
+            frontends.push(Frontend {
+                kind: FrontendKind::ClusterIP,
+                ip: *ip,
+                port: port.port,
+                protocol: port.protocol,
+                port_index: i,
+            });
+        }
+        if let Some(np) = port.node_port {
+            for ip in &node_addrs {
+                frontends.push(Frontend {
+                    kind: FrontendKind::NodePort,
+                    ip: *ip,
+                    port: np,
+                    protocol: port.protocol,
+                    port_index: i,
+                });
+            }
+        }
+        for ip in &external_ips {
+            frontends.push(Frontend {
+                kind: FrontendKind::ExternalIP,
+                ip: *ip,
+                port: port.port,
+                protocol: port.protocol,
+                port_index: i,
+            });
+        }
+        for ip in &svc.load_balancer_ips {
+            frontends.push(Frontend {
+                kind: FrontendKind::LoadBalancer,
+                ip: *ip,
+                port: port.port,
+                protocol: port.protocol,
+                port_index: i,
+            });
+        }
+        let with_port: Vec<&Backend> = valid
+            .iter()
+            .copied()
+            .filter(|b| b.port_for(&port.name, port.protocol).is_some())
+            .collect();
+        let local: Vec<&Backend> = with_port
+            .iter()
+            .copied()
+            .filter(|b| b.is_local(&cfg.node))
+            .collect();
+        let cluster = targets(&usable(&with_port), port, &cfg.node);
+        let local_usable = targets(&usable(&local), port, &cfg.node);
+        backends.push(PortBackends {
+            internal: if svc.internal_local {
+                local_usable.clone()
+            } else {
+                cluster.clone()
+            },
+            external: if svc.external_local {
+                local_usable
+            } else {
+                cluster.clone()
+            },
+            cluster,
+            any: !with_port.is_empty(),
+        });
+    }
+    Some(PlannedService {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        ports: svc.ports.clone(),
+        frontends,
+        backends,
+        affinity_timeout: svc.affinity_timeout,
+        external_local: svc.external_local,
+        internal_local: svc.internal_local,
+        health_check_node_port: svc.health_check_node_port,
+        options: svc.options.clone(),
+    })
+}

@@ -50,8 +50,10 @@ pub enum LocalApiError {
 /// A question from netctl, answered with one JSON line.
 #[derive(Debug)]
 pub struct Query {
-    /// What is asked (`overlay`).
+    /// What is asked (`overlay`, `services`, `trace`).
     pub what: String,
+    /// The whole request (its other fields are the question's arguments).
+    pub request: serde_json::Value,
     pub reply: tokio::sync::oneshot::Sender<serde_json::Value>,
 }
 
@@ -96,9 +98,11 @@ pub fn listen(
                     },
                     Some(what) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
+                        let request = serde_json::from_str(&line).unwrap_or_default();
                         let _ = queries
                             .send(Query {
                                 what: what.to_string(),
+                                request,
                                 reply: tx,
                             })
                             .await;

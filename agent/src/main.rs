@@ -62,6 +62,9 @@ struct Args {
     /// pods wired while the agent was away are found there.
     #[arg(long, env = "WEFT_IPAM_DIR", default_value = "/var/lib/weft/ipam/weft")]
     ipam_dir: PathBuf,
+    /// CIDRs in which Services' externalIPs are honoured (CVE-2020-8554: none by default).
+    #[arg(long, env = "WEFT_EXTERNAL_IP_ALLOW", value_delimiter = ',')]
+    external_ip_allow: Vec<ipnetwork::IpNetwork>,
     /// Do not program the overlay (follow the stream only).
     #[arg(long, env = "WEFT_NO_OVERLAY")]
     no_overlay: bool,
@@ -330,6 +333,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         });
+        let plan_cfg = weft_agent::dataplane::plan::PlanConfig {
+            node: args.node_name.clone(),
+            node_addresses: vec![IpAddr::V4(args.node_ip)],
+            localhost_node_ports: false,
+            external_ip_allow: args.external_ip_allow.clone(),
+            cluster_cidr: args.cluster_cidr.into(),
+        };
         let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args).await?) };
         let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
         loop {
@@ -345,6 +355,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                     let answer = match (q.what.as_str(), node.as_ref()) {
                         ("overlay", Some(n)) => n.describe(&view).await,
                         ("overlay", None) => serde_json::json!({"error": "this agent runs with --no-overlay"}),
+                        ("services", _) | ("trace", _) => {
+                            let v = view.read().unwrap_or_else(|p| p.into_inner());
+                            let plan = weft_agent::dataplane::plan::build(&v, &plan_cfg);
+                            if q.what == "services" {
+                                weft_agent::dataplane::report::services(&v, &plan)
+                            } else {
+                                weft_agent::dataplane::report::trace_request(&q.request, &plan, &plan_cfg)
+                            }
+                        }
                         (other, _) => serde_json::json!({"error": format!("unknown query {other:?}")}),
                     };
                     let _ = q.reply.send(answer);

@@ -6,6 +6,7 @@ pub mod client;
 pub mod delete;
 pub mod get;
 pub mod overlay;
+pub mod services;
 pub mod source;
 pub mod table;
 
@@ -74,6 +75,10 @@ pub enum Command {
     Delete(delete::DeleteArgs),
     /// Show this node's VXLAN overlay (asks the local weft-agent).
     Overlay(overlay::OverlayArgs),
+    /// Show this node's Services: frontends -> backends with states (asks the local weft-agent).
+    Services(services::ServicesArgs),
+    /// Explain what this node does with a packet FROM -> TO (asks the local weft-agent).
+    Trace(services::TraceArgs),
 }
 
 /// What every command needs: the client and the namespace flags.
@@ -120,6 +125,8 @@ pub fn run_cli(cli: Cli) -> Result<ExitCode> {
             Command::Get(args) => get::run(&ctx, &args, &mut out, &mut err).await,
             Command::Delete(args) => delete::run(&ctx, &args, &mut out, &mut err).await,
             Command::Overlay(args) => overlay::run(&args, &mut out).await,
+            Command::Services(args) => services::services(&args, &mut out).await,
+            Command::Trace(args) => services::trace(&args, &mut out).await,
         }
     });
     let _ = out.flush();

@@ -22,8 +22,8 @@ pub struct OverlayArgs {
     pub output: Option<String>,
 }
 
-/// Ask the agent; the answer is its JSON.
-pub async fn query(socket: &PathBuf, what: &str) -> Result<serde_json::Value> {
+/// Ask the agent (`request` carries `op` and its arguments); the answer is its JSON.
+pub async fn query(socket: &PathBuf, request: &serde_json::Value) -> Result<serde_json::Value> {
     let ask = async {
         let mut s = tokio::net::UnixStream::connect(socket)
             .await
@@ -33,8 +33,9 @@ pub async fn query(socket: &PathBuf, what: &str) -> Result<serde_json::Value> {
                     socket.display()
                 )
             })?;
-        s.write_all(format!("{{\"op\":\"{what}\"}}\n").as_bytes())
-            .await?;
+        let mut req = serde_json::to_vec(request)?;
+        req.push(b'\n');
+        s.write_all(&req).await?;
         let mut line = String::new();
         tokio::io::BufReader::new(s).read_line(&mut line).await?;
         serde_json::from_str::<serde_json::Value>(&line).context("the agent's answer is not JSON")
@@ -49,7 +50,7 @@ pub async fn query(socket: &PathBuf, what: &str) -> Result<serde_json::Value> {
         })?
 }
 
-fn s(v: &serde_json::Value) -> String {
+pub(crate) fn s(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "<none>".into(),
@@ -175,7 +176,7 @@ pub fn render(v: &serde_json::Value) -> String {
 }
 
 pub async fn run(args: &OverlayArgs, out: &mut impl Write) -> Result<bool> {
-    let v = query(&args.socket, "overlay").await?;
+    let v = query(&args.socket, &serde_json::json!({"op": "overlay"})).await?;
     match args.output.as_deref() {
         Some("json") => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
         _ => write!(out, "{}", render(&v))?,

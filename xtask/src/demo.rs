@@ -237,6 +237,27 @@ impl Demo {
             }
             Err(e) => println!("\nnetctl overlay on node-1 failed: {e:#}"),
         }
+        // And how node-1 would treat a pod's DNS query to the cluster DNS Service.
+        let mut trace = Command::new("ip");
+        trace
+            .args(["netns", "exec", &self.ns("n1")])
+            .arg(self.bin("netctl"))
+            .args([
+                "trace",
+                "pod:198.18.128.9",
+                "198.19.0.10:53",
+                "-p",
+                "UDP",
+                "--socket",
+            ])
+            .arg(self.tmp.join("node-1.agent.sock"));
+        match util::capture(&mut trace) {
+            Ok(text) => {
+                println!("\n$ netctl trace pod:198.18.128.9 198.19.0.10:53 -p UDP   # on node-1");
+                print!("{text}");
+            }
+            Err(e) => println!("\nnetctl trace on node-1 failed: {e:#}"),
+        }
         let failed = checks.iter().filter(|c| !c.ok).count();
         if failed > 0 {
             bail!("{failed} demo check(s) failed (see above)");

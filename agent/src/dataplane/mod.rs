@@ -5,6 +5,7 @@
 //! `apply` touches the kernel.
 
 pub mod plan;
+pub mod report;
 pub mod tracer;
 
 /// A service dataplane: programs the kernel to match a plan. `apply` takes

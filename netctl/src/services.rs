@@ -1,0 +1,145 @@
+//! `netctl services` (this node's Services: frontends → backends with their
+//! states) and `netctl trace FROM TO` (what the Service rules do with such a
+//! packet on this node, in words). Both ask the local agent, which answers
+//! from the view it holds.
+
+use crate::overlay::{query, s};
+use anyhow::Result;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct ServicesArgs {
+    /// The agent's local socket on this node.
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SOCKET",
+        default_value = "/run/weft/agent.sock"
+    )]
+    pub socket: PathBuf,
+    #[arg(short = 'o', long, value_parser = ["json"])]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// Where the packet comes from: `node`, `pod:IP`, `remote-pod:IP`,
+    /// `external:IP`, or an IP (a pod inside the cluster CIDR, else external).
+    pub from: String,
+    /// Destination `IP:PORT`.
+    pub to: String,
+    #[arg(long, short = 'p', default_value = "TCP")]
+    pub protocol: String,
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SOCKET",
+        default_value = "/run/weft/agent.sock"
+    )]
+    pub socket: PathBuf,
+    #[arg(short = 'o', long, value_parser = ["json"])]
+    pub output: Option<String>,
+}
+
+/// Human form of the services answer.
+pub fn render_services(v: &serde_json::Value) -> String {
+    if let Some(e) = v.get("error") {
+        return format!("error from the agent: {}\n", s(e));
+    }
+    let mut out = String::new();
+    for svc in v["services"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{}   (externalTrafficPolicy {}, internalTrafficPolicy {}{})\n",
+            s(&svc["service"]),
+            s(&svc["externalTrafficPolicy"]),
+            s(&svc["internalTrafficPolicy"]),
+            if svc["affinityTimeout"].is_null() {
+                String::new()
+            } else {
+                format!(", ClientIP affinity {}s", s(&svc["affinityTimeout"]))
+            }
+        ));
+        for f in svc["frontends"].as_array().into_iter().flatten() {
+            out.push_str(&format!("  frontend  {}\n", s(f)));
+        }
+        let backends = svc["backends"].as_array().cloned().unwrap_or_default();
+        if backends.is_empty() {
+            out.push_str("  backends  none (connections are rejected)\n");
+        }
+        for b in backends {
+            let ports: Vec<String> = b["ports"].as_array().into_iter().flatten().map(s).collect();
+            out.push_str(&format!(
+                "  backend   {} [{}] on {}: {}\n",
+                s(&b["ip"]),
+                ports.join(","),
+                s(&b["node"]),
+                s(&b["state"])
+            ));
+        }
+    }
+    for (key, what) in [
+        ("deniedExternalIPs", "externalIP not in the allow-list"),
+        ("rejectedBackends", "backend address never programmed"),
+    ] {
+        for d in v[key].as_array().into_iter().flatten() {
+            out.push_str(&format!("note: {what}: {}\n", s(d)));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no Services proxied on this node\n");
+    }
+    out
+}
+
+pub async fn services(args: &ServicesArgs, out: &mut impl Write) -> Result<bool> {
+    let v = query(&args.socket, &serde_json::json!({"op": "services"})).await?;
+    match args.output.as_deref() {
+        Some("json") => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
+        _ => write!(out, "{}", render_services(&v))?,
+    }
+    Ok(v.get("error").is_none())
+}
+
+pub async fn trace(args: &TraceArgs, out: &mut impl Write) -> Result<bool> {
+    let req = serde_json::json!({"op": "trace", "from": args.from, "to": args.to, "protocol": args.protocol});
+    let v = query(&args.socket, &req).await?;
+    match (args.output.as_deref(), v.get("error")) {
+        (Some("json"), _) => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
+        (_, Some(e)) => writeln!(out, "error: {}", s(e))?,
+        _ => writeln!(
+            out,
+            "{} -> {} {}: {}",
+            s(&v["from"]),
+            s(&v["to"]),
+            s(&v["protocol"]),
+            s(&v["explanation"])
+        )?,
+    }
+    Ok(v.get("error").is_none())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_services() {
+        let v = serde_json::json!({"rev": 3, "services": [{
+            "service": "shop/web", "frontends": ["ClusterIP 198.19.0.20:80/TCP"],
+            "backends": [{"ip": "198.18.128.5", "node": "node-1", "ports": ["8080/TCP"], "state": "ready"}],
+            "affinityTimeout": null, "externalTrafficPolicy": "Cluster", "internalTrafficPolicy": "Cluster"}],
+            "deniedExternalIPs": ["shop/web 203.0.113.9"], "rejectedBackends": []});
+        let text = render_services(&v);
+        assert!(
+            text.contains("shop/web   (externalTrafficPolicy Cluster"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backend   198.18.128.5 [8080/TCP] on node-1: ready"),
+            "{text}"
+        );
+        assert!(
+            text.contains("note: externalIP not in the allow-list: shop/web 203.0.113.9"),
+            "{text}"
+        );
+    }
+}

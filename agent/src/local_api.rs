@@ -126,18 +126,29 @@ pub fn listen(
     Ok(())
 }
 
+/// What became of a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// The Pod's status was updated.
+    Updated,
+    /// The Pod already said so.
+    Unchanged,
+    /// Not a Kubernetes pod (no namespace/name, or unknown to the API): nothing to do.
+    NotAPod,
+}
+
 /// Report a pod's network to the control plane: on `add`, its IP, phase
 /// Running and Ready (weft has no probes of its own); on `del`, clear the IP
 /// if it is still this one. Pods the API does not know (a container started
 /// outside Kubernetes) are ignored.
-pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<(), ClientError> {
+pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<Reported, ClientError> {
     if r.pod_namespace.is_empty() || r.pod_name.is_empty() {
-        return Ok(());
+        return Ok(Reported::NotAPod);
     }
     let path = format!("/api/v1/namespaces/{}/pods/{}", r.pod_namespace, r.pod_name);
     let pod = match ep.call(Method::GET, &path, None).await {
         Ok((_, body)) => body,
-        Err(ClientError::Status { code: 404, .. }) => return Ok(()),
+        Err(ClientError::Status { code: 404, .. }) => return Ok(Reported::NotAPod),
         Err(e) => return Err(e),
     };
     let mut pod: serde_json::Value =
@@ -150,7 +161,7 @@ pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<(), ClientError> {
     match r.op.as_str() {
         "add" => {
             if status["podIP"] == ip.as_str() && status["phase"] == "Running" {
-                return Ok(());
+                return Ok(Reported::Unchanged);
             }
             status["podIP"] = ip.clone().into();
             status["podIPs"] = serde_json::json!([{"ip": ip}]);
@@ -163,7 +174,7 @@ pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<(), ClientError> {
         }
         "del" => {
             if status["podIP"] != ip.as_str() {
-                return Ok(());
+                return Ok(Reported::Unchanged);
             }
             if let Some(s) = status.as_object_mut() {
                 s.remove("podIP");
@@ -171,7 +182,7 @@ pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<(), ClientError> {
             }
             status["conditions"] = serde_json::json!([{"type": "Ready", "status": "False", "reason": "NetworkRemoved"}]);
         }
-        _ => return Ok(()),
+        _ => return Ok(Reported::NotAPod),
     }
     ep.call(
         Method::PUT,
@@ -179,7 +190,7 @@ pub async fn report(ep: &Endpoint, r: &PodReport) -> Result<(), ClientError> {
         Some(Bytes::from(pod.to_string())),
     )
     .await
-    .map(|_| ())
+    .map(|_| Reported::Updated)
 }
 
 /// Pods recorded in the CNI plugin's IPAM claims (`<ipamDir>/<network>/<ip>`,

@@ -307,7 +307,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
             loop {
                 tick.tick().await;
-                for r in weft_agent::local_api::claims(&ipam_dir) {
+                let current = weft_agent::local_api::claims(&ipam_dir);
+                // Forget claims that are gone, so a pod re-created with the same
+                // name and address is reported again.
+                let keys: std::collections::HashSet<_> =
+                    current.iter().map(|r| (r.pod_namespace.clone(), r.pod_name.clone(), r.ip.clone())).collect();
+                seen.retain(|k| keys.contains(k));
+                for r in current {
                     if seen.insert((r.pod_namespace.clone(), r.pod_name.clone(), r.ip.clone())) {
                         let _ = claims_tx.send(r).await;
                     }
@@ -320,8 +326,20 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let mut delay = std::time::Duration::from_millis(100);
                 for attempt in 1..=5 {
                     match weft_agent::local_api::report(&rep_ep, &r).await {
-                        Ok(()) => {
-                            tracing::info!(op = %r.op, pod = %format!("{}/{}", r.pod_namespace, r.pod_name), ip = r.address(), "pod reported");
+                        Ok(outcome) => {
+                            let pod = format!("{}/{}", r.pod_namespace, r.pod_name);
+                            match outcome {
+                                weft_agent::local_api::Reported::Updated => {
+                                    tracing::info!(op = %r.op, %pod, ip = r.address(), "pod status reported")
+                                }
+                                weft_agent::local_api::Reported::Unchanged => {
+                                    tracing::debug!(op = %r.op, %pod, "pod status already current")
+                                }
+                                weft_agent::local_api::Reported::NotAPod => tracing::debug!(
+                                    op = %r.op, container = %r.container_id, ip = r.address(),
+                                    "not a Kubernetes pod (no pod name/namespace, or unknown to the API); nothing reported"
+                                ),
+                            }
                             break;
                         }
                         Err(e) if attempt == 5 => tracing::warn!(error = %e, pod = %r.pod_name, "could not report the pod"),

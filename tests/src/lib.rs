@@ -132,6 +132,7 @@ impl ControlProcess {
             .args(self.defaults())
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -17,6 +17,18 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("procps", "ps"),
     ("curl", "curl"),
     ("iputils-ping", "ping"),
+    // `cargo xtask bench overlay` (throughput, offloads) and `bench cni`
+    // (the reference bridge + host-local plugins it compares against).
+    ("iperf3", "iperf3"),
+    ("ethtool", "ethtool"),
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // The podman e2e test: a real runtime calling weft-cni
+    // (shared/runtimes/ci-recipe.sh; runc, not crun, on this hybrid cgroup host).
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("conmon", "conmon"),
+    ("busybox-static", "/bin/busybox"),
+    ("jq", "jq"),
     // bpf-linker is built against Debian's LLVM 22, the LLVM of the pinned
     // rustc (they must share the major version).
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),

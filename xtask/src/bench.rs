@@ -13,12 +13,27 @@ struct Bench {
     binary: &'static str,
 }
 
-const BENCHES: &[Bench] = &[Bench {
-    name: "push",
-    about: "control-plane push stream fan-out (weft-push-bench)",
-    packages: &["weft-control", "weft-e2e"],
-    binary: "weft-push-bench",
-}];
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "push",
+        about: "control-plane push stream fan-out (weft-push-bench)",
+        packages: &["weft-control", "weft-e2e"],
+        binary: "weft-push-bench",
+    },
+    Bench {
+        name: "cni",
+        about: "CNI ADD/DEL latency, weft vs reference bridge+host-local; parallel ADDs (weft-cni-bench, root)",
+        packages: &["weft-cni", "weft-e2e"],
+        binary: "weft-cni-bench",
+    },
+    Bench {
+        name: "overlay",
+        about: "pod-to-pod TCP throughput, VXLAN overlay vs plain veth, iperf3 (weft-overlay-bench, root)",
+        // the overlay is the weft-agent library, built as weft-e2e's dependency
+        packages: &["weft-e2e"],
+        binary: "weft-overlay-bench",
+    },
+];
 
 /// The benchmarks, one per line, for help and errors.
 pub fn list() -> String {

@@ -9,6 +9,12 @@
 //!                    └── v-n3 ═ eth0 (wd<pid>-n3 198.18.0.13) weft-agent node-3
 //! ```
 //!
+//! Every pod of examples/demo.yaml gets a namespace `wd<pid>-p<k>`, is wired
+//! by the real `weft-cni` (CNI ADD run in its node's namespace, as a runtime
+//! does) and runs `weft-workload` (HTTP 8080, UDP echo 9090); the agents
+//! report the pods' addresses to the control plane, and the checks send
+//! traffic between pods across nodes.
+//!
 //! Everything it creates is owned by a guard that tears it down on drop
 //! (success, error or Ctrl-C); `--keep` leaves it running and `--down`
 //! removes what earlier `--keep` runs (or killed runs) left behind.
@@ -73,6 +79,10 @@ pub fn run(opts: Options) -> Result<()> {
         "weft-agent",
         "-p",
         "netctl",
+        "-p",
+        "weft-cni",
+        "-p",
+        "weft-e2e",
     ]))?;
     util::check_interrupted()?;
 
@@ -140,6 +150,21 @@ struct AgentView {
     subnet: String,
 }
 
+/// A pod of the manifest, wired with the real CNI plugin.
+struct PodRun {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// 1-based node number.
+    node: usize,
+    container_id: String,
+    netns: String,
+    /// The CNI result's address (empty until ADD succeeded).
+    ip: String,
+    gateway: String,
+    workload: Option<Child>,
+}
+
 /// The demo cluster; tears itself down on drop unless kept.
 struct Demo {
     prefix: String,
@@ -149,6 +174,7 @@ struct Demo {
     namespaces: Vec<String>,
     control: Option<Child>,
     agents: Vec<Child>,
+    pods: Vec<PodRun>,
     keep: bool,
     /// The view revision every agent agreed on before the restart check.
     view_rev: Option<u64>,
@@ -174,6 +200,7 @@ impl Demo {
             namespaces: Vec::new(),
             control: None,
             agents: Vec::new(),
+            pods: Vec::new(),
             keep: false,
             view_rev: None,
         };
@@ -201,6 +228,9 @@ impl Demo {
         for c in self.control.iter().chain(&self.agents) {
             let _ = writeln!(s, "pid {}", c.id());
         }
+        for c in self.pods.iter().filter_map(|p| p.workload.as_ref()) {
+            let _ = writeln!(s, "pid {}", c.id());
+        }
         if let Err(e) = std::fs::write(&self.record, s) {
             eprintln!("demo: cannot write {}: {e}", self.record.display());
         }
@@ -211,16 +241,23 @@ impl Demo {
         self.write_tokens()?;
         self.start_control()?;
         self.wait_api(Duration::from_secs(20))?;
+        self.write_cni_configs()?;
         self.start_agents()?;
-        let node_list = self.wait_nodes(Duration::from_secs(30))?;
+        self.wait_nodes(Duration::from_secs(30))?;
 
         let mut apply = self.netctl(&["apply", "-f", MANIFEST]);
         util::run(&mut apply)?;
-        self.report_pods(&node_list)?;
-        self.wait_slices(Duration::from_secs(20))?;
+        self.wire_pods()?;
+        let pod_ips = self.wait_pod_ips(Duration::from_secs(20));
+        let pod_ips_ok = pod_ips.ok;
+        let mut checks = vec![pod_ips];
+        if pod_ips_ok {
+            self.wait_slices(Duration::from_secs(20))?;
+        }
 
         let state = self.snapshot()?;
-        let mut checks = self.checks(&state)?;
+        checks.extend(self.checks(&state)?);
+        checks.extend(self.traffic_checks());
         checks.extend(self.restart_checks(&state)?);
         print_summary(&self.prefix, &state, &checks);
         // What an operator on node-1 sees of the overlay.
@@ -238,22 +275,21 @@ impl Demo {
             Err(e) => println!("\nnetctl overlay on node-1 failed: {e:#}"),
         }
         // And how node-1 would treat a pod's DNS query to the cluster DNS Service.
+        let from = self
+            .pods
+            .iter()
+            .find(|p| p.node == 1 && p.namespace != "kube-system")
+            .map_or("198.18.128.9".to_string(), |p| p.ip.clone());
+        let from = format!("pod:{from}");
         let mut trace = Command::new("ip");
         trace
             .args(["netns", "exec", &self.ns("n1")])
             .arg(self.bin("netctl"))
-            .args([
-                "trace",
-                "pod:198.18.128.9",
-                "198.19.0.10:53",
-                "-p",
-                "UDP",
-                "--socket",
-            ])
+            .args(["trace", &from, "198.19.0.10:53", "-p", "UDP", "--socket"])
             .arg(self.tmp.join("node-1.agent.sock"));
         match util::capture(&mut trace) {
             Ok(text) => {
-                println!("\n$ netctl trace pod:198.18.128.9 198.19.0.10:53 -p UDP   # on node-1");
+                println!("\n$ netctl trace {from} 198.19.0.10:53 -p UDP   # on node-1");
                 print!("{text}");
             }
             Err(e) => println!("\nnetctl trace on node-1 failed: {e:#}"),
@@ -279,6 +315,15 @@ impl Demo {
                 self.tmp.display(),
                 self.tmp.display()
             );
+            if let (Some(c), Some(s)) = (
+                self.pods.iter().find(|p| p.node == 1),
+                self.pods.iter().find(|p| p.node == 2),
+            ) {
+                println!(
+                    "From pod {} to pod {}: ip netns exec {} curl http://{}:8080/hostname",
+                    c.name, s.name, c.netns, s.ip
+                );
+            }
             println!("Clean up: cargo xtask demo --down");
         }
         Ok(())
@@ -432,6 +477,12 @@ impl Demo {
                     .tmp
                     .join(format!("{}.agent.sock", node.name()))
                     .to_string_lossy(),
+                "--ipam-dir",
+                &self
+                    .tmp
+                    .join(format!("ipam-{}", node.n))
+                    .join("weft")
+                    .to_string_lossy(),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -576,27 +627,6 @@ impl Demo {
         Ok((code, body.to_string()))
     }
 
-    /// A 2xx JSON answer, or an error with the API's message.
-    fn http_json(
-        &self,
-        netns: &str,
-        who: &str,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        echo: bool,
-    ) -> Result<Value> {
-        let (code, text) = self.http(netns, who, method, path, body, echo)?;
-        if !(200..300).contains(&code) {
-            let msg = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            bail!("{method} {path} as {who}: HTTP {code}: {msg}");
-        }
-        serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON"))
-    }
-
     // ---- bringing the cluster up ----
 
     /// Wait until the 3 nodes are registered with a podCIDR; returns them.
@@ -619,70 +649,379 @@ impl Demo {
         )
     }
 
-    /// Report every pod Running and Ready with an IP from its node's podCIDR,
-    /// as the node would (the node's own credentials, from its namespace).
-    fn report_pods(&mut self, node_list: &[Value]) -> Result<()> {
-        let cidrs: BTreeMap<String, String> = node_list
-            .iter()
-            .map(|n| {
-                (
-                    str_at(n, "/metadata/name").to_string(),
-                    str_at(n, "/spec/podCIDR").to_string(),
-                )
-            })
-            .collect();
+    // ---- pods, wired as a runtime would ----
+
+    /// The CNI network config for node `n` (docs/cni.md).
+    fn cni_config_path(&self, n: usize) -> PathBuf {
+        self.tmp.join(format!("node-{n}.cni.json"))
+    }
+
+    fn write_cni_configs(&self) -> Result<()> {
+        for node in nodes() {
+            let conf = json!({
+                "cniVersion": "1.1.0",
+                "name": "weft",
+                "type": "weft-cni",
+                "nodeStatePath": self.tmp.join(format!("{}.node.json", node.name())),
+                "ipamDir": self.tmp.join(format!("ipam-{}", node.n)),
+                "agentSocket": self.tmp.join(format!("{}.agent.sock", node.name())),
+            });
+            let path = self.cni_config_path(node.n);
+            std::fs::write(&path, serde_json::to_vec_pretty(&conf)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Run `weft-cni` inside node `node`'s namespace with the CNI environment
+    /// and the node's config on stdin.
+    fn cni(&self, pod: &PodRun, command: &str) -> Result<std::process::Output> {
+        use std::io::Write;
+        let spec = NodeSpec { n: pod.node };
+        let plugin = self.bin("weft-cni");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(&spec.role())])
+            .arg(&plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &pod.container_id)
+            .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.bins)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+                    pod.namespace, pod.name, pod.uid
+                ),
+            )
+            .env(
+                "WEFT_CNI_LOG",
+                self.tmp.join(format!("cni-{}.log", pod.node)),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting `{}`", util::display(&cmd)))?;
+        let conf = std::fs::read(self.cni_config_path(pod.node))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&conf)?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// For every pod of the manifest: a network namespace, CNI ADD on its
+    /// node, and `weft-workload` inside it. The agents report the pods'
+    /// addresses to the control plane themselves.
+    fn wire_pods(&mut self) -> Result<()> {
         let pods = self.list("pods")?;
-        let mut next: BTreeMap<String, u32> = BTreeMap::new();
-        println!("demo: reporting pod status as each pod's node (the CNI plugin lands later)");
-        for pod in &pods {
+        println!(
+            "demo: wiring {} pods with weft-cni (CNI ADD in the node's namespace)",
+            pods.len()
+        );
+        for (i, pod) in pods.iter().enumerate() {
             util::check_interrupted()?;
-            let ns = str_at(pod, "/metadata/namespace").to_string();
+            let k = i + 1;
+            let namespace = str_at(pod, "/metadata/namespace").to_string();
             let name = str_at(pod, "/metadata/name").to_string();
             let node = str_at(pod, "/spec/nodeName").to_string();
             let Some(spec) = nodes().into_iter().find(|n| n.name() == node) else {
-                bail!("pod {ns}/{name} is bound to {node:?}, not a demo node");
+                bail!("pod {namespace}/{name} is bound to {node:?}, not a demo node");
             };
-            let netns = self.ns(&spec.role());
-            // The node's own view of its podCIDR.
-            let me = self.http_json(
-                &netns,
-                &node,
-                "GET",
-                &format!("/api/v1/nodes/{node}"),
-                None,
-                false,
-            )?;
-            let cidr = str_at(&me, "/spec/podCIDR").to_string();
-            if cidrs.get(&node) != Some(&cidr) {
-                bail!(
-                    "node {node} reads podCIDR {cidr:?} but the list said {:?}",
-                    cidrs.get(&node)
-                );
-            }
-            let idx = next.entry(node.clone()).or_insert(2);
-            let ip = host_in(&cidr, *idx)?;
-            *idx += 1;
-            let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
-            let mut obj = self.http_json(&netns, &node, "GET", &path, None, false)?;
-            obj["status"] = json!({
-                "phase": "Running",
-                "hostIP": spec.ip(),
-                "podIP": ip.to_string(),
-                "podIPs": [{"ip": ip.to_string()}],
-                "conditions": [{"type": "Ready", "status": "True"}],
+            let netns = self.ns(&format!("p{k}"));
+            self.add_netns(&netns)?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            // From here on teardown runs CNI DEL for it, whatever happens.
+            self.pods.push(PodRun {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: str_at(pod, "/metadata/uid").to_string(),
+                node: spec.n,
+                container_id: format!("{}-p{k}-{name}", self.prefix),
+                netns: netns.clone(),
+                ip: String::new(),
+                gateway: String::new(),
+                workload: None,
             });
-            self.http_json(
+            let run = &self.pods[self.pods.len() - 1];
+            // The agent writes the node state (subnet, bridge) once it has its
+            // podCIDR; until then ADD answers code 11, "try again later".
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let result: Value = loop {
+                let out = self.cni(run, "ADD")?;
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                if out.status.success() {
+                    break serde_json::from_str(&stdout).with_context(|| {
+                        format!("CNI ADD for {namespace}/{name} printed no JSON: {stdout}")
+                    })?;
+                }
+                let code = serde_json::from_str::<Value>(&stdout)
+                    .ok()
+                    .and_then(|v| v["code"].as_u64());
+                if code == Some(11) && Instant::now() < deadline {
+                    util::sleep(Duration::from_millis(250))?;
+                    continue;
+                }
+                bail!(
+                    "CNI ADD for {namespace}/{name} on {node} failed ({}): {}{}",
+                    out.status,
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            };
+            let addr = result
+                .pointer("/ips/0/address")
+                .and_then(Value::as_str)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .with_context(|| format!("CNI ADD result has no ips[0].address: {result}"))?;
+            let gateway = str_at(&result, "/ips/0/gateway").to_string();
+            let args: Vec<String> = ["--name", &name, "--http", "8080", "--udp", "9090"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let child = self.spawn(
                 &netns,
-                &node,
-                "PUT",
-                &format!("{path}/status"),
-                Some(&obj),
-                true,
-            )
-            .with_context(|| format!("reporting pod {ns}/{name} Running as {node}"))?;
-            println!("  {ns}/{name} on {node}: Running, podIP {ip}");
+                &format!("pod-{namespace}-{name}.log"),
+                &self.bin("weft-workload"),
+                &args,
+            )?;
+            let last = self.pods.len() - 1;
+            let run = &mut self.pods[last];
+            run.ip = addr.to_string();
+            run.gateway = gateway;
+            run.workload = Some(child);
+            self.save_record();
+            // Listening once it answers on its own loopback.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.http_from(&netns, "127.0.0.1", "/hostname") {
+                    Ok(body) if body.trim() == name => break,
+                    Ok(_) | Err(_) if Instant::now() < deadline => {
+                        util::sleep(Duration::from_millis(50))?
+                    }
+                    Ok(body) => bail!("weft-workload {name} answered {body:?}"),
+                    Err(e) => return Err(e.context(format!("weft-workload {name} in {netns}"))),
+                }
+            }
+            println!("  {namespace}/{name} on {node}: {addr} (netns {netns})");
         }
         Ok(())
+    }
+
+    /// Wait until every pod's status carries the address CNI gave it: the
+    /// agents report it (from the plugin's line on their socket).
+    fn wait_pod_ips(&mut self, timeout: Duration) -> Check {
+        let want: BTreeMap<String, String> = self
+            .pods
+            .iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.ip.clone()))
+            .collect();
+        let res = self.wait_for(
+            "every pod's status.podIP to be its CNI address (the agents report it)",
+            timeout,
+            |d| {
+                let pods = d.list("pods").map_err(|e| format!("{e:#}"))?;
+                let mut bad = Vec::new();
+                for (key, ip) in &want {
+                    match pods.iter().find(|p| ns_name(p) == *key) {
+                        None => bad.push(format!("{key} is gone")),
+                        Some(p) => {
+                            let have = str_at(p, "/status/podIP");
+                            let phase = str_at(p, "/status/phase");
+                            if have != ip || phase != "Running" {
+                                bad.push(format!(
+                                    "{key}: podIP {have:?} phase {phase:?}, want {ip} Running"
+                                ));
+                            }
+                        }
+                    }
+                }
+                if bad.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    Err(bad.join(", "))
+                }
+            },
+        );
+        check(
+            res.is_ok(),
+            "endpoints follow pods: every pod's status carries its CNI address",
+            res.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        )
+    }
+
+    // ---- traffic ----
+
+    /// `curl http://IP:8080PATH` from inside `netns`.
+    fn http_from(&self, netns: &str, ip: &str, path: &str) -> Result<String> {
+        util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["curl", "-sS", "--max-time", "3"])
+                .arg(format!("http://{ip}:8080{path}")),
+        )
+    }
+
+    /// One datagram `hi` to IP:9090 from inside `netns`; the answer.
+    fn udp_from(&self, netns: &str, ip: &str) -> Result<String> {
+        let script = format!(
+            "exec 3<>/dev/udp/{ip}/9090 && printf hi >&3 && timeout 2 dd bs=512 count=1 status=none <&3"
+        );
+        util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["bash", "-c", &script]),
+        )
+    }
+
+    /// Cross-node pod pairs (client, server) by index into `self.pods`.
+    fn cross_pairs(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (a, pa) in self.pods.iter().enumerate() {
+            for (b, pb) in self.pods.iter().enumerate() {
+                if pa.node != pb.node {
+                    out.push((a, b));
+                }
+            }
+        }
+        out
+    }
+
+    fn traffic_checks(&self) -> Vec<Check> {
+        let mut out = Vec::new();
+        let pairs = self.cross_pairs();
+        let label = |i: usize| {
+            let p = &self.pods[i];
+            format!("{} (node-{})", p.name, p.node)
+        };
+
+        // HTTP /hostname, UDP echo and /clientip for every cross-node pair.
+        let (mut bad_http, mut bad_udp, mut bad_src) = (Vec::new(), Vec::new(), Vec::new());
+        for &(a, b) in &pairs {
+            let (c, s) = (&self.pods[a], &self.pods[b]);
+            let got = retry(|| self.http_from(&c.netns, &s.ip, "/hostname"));
+            match got {
+                Ok(body) if body.trim() == s.name => {}
+                Ok(body) => {
+                    bad_http.push(format!("{} -> {}: {:?}", label(a), label(b), body.trim()))
+                }
+                Err(e) => bad_http.push(format!("{} -> {}: {e:#}", label(a), label(b))),
+            }
+            let want = format!("{}:hi", s.name);
+            match retry(|| self.udp_from(&c.netns, &s.ip)) {
+                Ok(body) if body == want => {}
+                Ok(body) => bad_udp.push(format!("{} -> {}: {body:?}", label(a), label(b))),
+                Err(e) => bad_udp.push(format!("{} -> {}: {e:#}", label(a), label(b))),
+            }
+            match retry(|| self.http_from(&c.netns, &s.ip, "/clientip")) {
+                Ok(body) if body.trim() == c.ip => {}
+                Ok(body) => bad_src.push(format!(
+                    "{} -> {} saw {:?}, not {}",
+                    label(a),
+                    label(b),
+                    body.trim(),
+                    c.ip
+                )),
+                Err(e) => bad_src.push(format!("{} -> {}: {e:#}", label(a), label(b))),
+            }
+        }
+        let n = pairs.len();
+        out.push(check(
+            bad_http.is_empty(),
+            format!("pod -> pod across nodes, HTTP: all {n} pairs got the target's /hostname"),
+            bad_http.join("; "),
+        ));
+        out.push(check(
+            bad_udp.is_empty(),
+            format!("pod -> pod across nodes, UDP: all {n} pairs echoed by the target"),
+            bad_udp.join("; "),
+        ));
+        out.push(check(
+            bad_src.is_empty(),
+            format!(
+                "pod -> pod keeps the source address: /clientip is the client's pod IP ({n} pairs)"
+            ),
+            bad_src.join("; "),
+        ));
+
+        // Node -> pod, every node to every pod.
+        let mut bad = Vec::new();
+        for node in nodes() {
+            for p in &self.pods {
+                match retry(|| self.http_from(&self.ns(&node.role()), &p.ip, "/hostname")) {
+                    Ok(body) if body.trim() == p.name => {}
+                    Ok(body) => {
+                        bad.push(format!("{} -> {}: {:?}", node.name(), p.name, body.trim()))
+                    }
+                    Err(e) => bad.push(format!("{} -> {}: {e:#}", node.name(), p.name)),
+                }
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "node -> pod: every node reaches all {} pods over HTTP",
+                self.pods.len()
+            ),
+            bad.join("; "),
+        ));
+
+        // Pod -> its gateway.
+        let mut bad = Vec::new();
+        for p in &self.pods {
+            let ok = retry(|| {
+                util::capture(
+                    Command::new("ip")
+                        .args(["netns", "exec", &p.netns])
+                        .args(["ping", "-c", "1", "-W", "1", &p.gateway]),
+                )
+            });
+            if let Err(e) = ok {
+                bad.push(format!("{} -> {}: {e:#}", p.name, p.gateway));
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            "pod -> node: every pod pings its node's gateway",
+            bad.join("; "),
+        ));
+        out
+    }
+
+    /// After the restart: the first pod of each node reaches the first pod
+    /// of the next node over HTTP.
+    fn traffic_after_restart(&self) -> Check {
+        let mut firsts: Vec<usize> = Vec::new();
+        for node in nodes() {
+            if let Some(i) = self.pods.iter().position(|p| p.node == node.n) {
+                firsts.push(i);
+            }
+        }
+        let mut bad = Vec::new();
+        let mut done = Vec::new();
+        for (j, &a) in firsts.iter().enumerate() {
+            let b = firsts[(j + 1) % firsts.len()];
+            let (c, s) = (&self.pods[a], &self.pods[b]);
+            if c.node == s.node {
+                continue;
+            }
+            done.push(format!("{} -> {}", c.name, s.name));
+            match retry(|| self.http_from(&c.netns, &s.ip, "/hostname")) {
+                Ok(body) if body.trim() == s.name => {}
+                Ok(body) => bad.push(format!("{} -> {}: {:?}", c.name, s.name, body.trim())),
+                Err(e) => bad.push(format!("{} -> {}: {e:#}", c.name, s.name)),
+            }
+        }
+        check(
+            bad.is_empty() && !done.is_empty(),
+            format!(
+                "pods kept their connectivity across the restart ({})",
+                done.join(", ")
+            ),
+            bad.join("; "),
+        )
     }
 
     fn wait_slices(&mut self, timeout: Duration) -> Result<()> {
@@ -903,9 +1242,24 @@ impl Demo {
         if !web_port {
             bad.push("shop/web's slice does not map port http to 8080".into());
         }
+        let pod_ips: BTreeSet<&str> = self.pods.iter().map(|p| p.ip.as_str()).collect();
+        for s in &st.slices {
+            for ep in s["endpoints"].as_array().into_iter().flatten() {
+                for a in ep["addresses"].as_array().into_iter().flatten() {
+                    let a = a.as_str().unwrap_or("");
+                    if !pod_ips.contains(a) {
+                        bad.push(format!(
+                            "{}/{} lists {a:?}, no pod's CNI address",
+                            slice_owner(s).0,
+                            slice_owner(s).1
+                        ));
+                    }
+                }
+            }
+        }
         out.push(check(
             bad.is_empty(),
-            "EndpointSlices: web 3, api 2, db 1, dns 1 ready; web's named port http resolves to 8080",
+            "EndpointSlices: web 3, api 2, db 1, dns 1 ready at the pods' CNI addresses; web's named port http resolves to 8080",
             bad.join(", "),
         ));
 
@@ -1108,6 +1462,7 @@ impl Demo {
             )),
             (Err(e), _) => Err(anyhow::anyhow!("{e:#}")),
         };
+        let reconnected = views.is_ok();
         out.push(match views {
             Ok(rev) => check(
                 true,
@@ -1122,6 +1477,9 @@ impl Demo {
                 format!("{e:#}"),
             ),
         });
+        if reconnected {
+            out.push(self.traffic_after_restart());
+        }
         Ok(out)
     }
 
@@ -1131,6 +1489,10 @@ impl Demo {
             logs.push((
                 format!("weft-agent {}", node.name()),
                 self.tmp.join(format!("agent-{}.log", node.n)),
+            ));
+            logs.push((
+                format!("weft-cni {}", node.name()),
+                self.tmp.join(format!("cni-{}.log", node.n)),
             ));
         }
         for (what, path) in logs {
@@ -1143,6 +1505,27 @@ impl Demo {
 
     fn teardown(&mut self) {
         eprintln!("demo: tearing down {}", self.prefix);
+        // Pods first, as a runtime would: stop the workload, CNI DEL (while
+        // the node namespaces still exist); their namespaces go below.
+        let pods = std::mem::take(&mut self.pods);
+        for mut p in pods.into_iter().rev() {
+            if let Some(mut w) = p.workload.take() {
+                let _ = w.kill();
+                let _ = w.wait();
+            }
+            match self.cni(&p, "DEL") {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "demo: CNI DEL of {}/{} failed ({}): {}{}",
+                    p.namespace,
+                    p.name,
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout).trim(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("demo: CNI DEL of {}/{}: {e:#}", p.namespace, p.name),
+            }
+        }
         for mut c in self.control.take().into_iter().chain(self.agents.drain(..)) {
             let _ = c.kill();
             let _ = c.wait();
@@ -1165,6 +1548,20 @@ impl Drop for Demo {
     fn drop(&mut self) {
         if !self.keep {
             self.teardown();
+        }
+    }
+}
+
+/// `f` until it succeeds, up to 12 tries 250 ms apart (ARP, a first
+/// overlay round); the last error otherwise.
+fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if tries >= 12 || util::check_interrupted().is_err() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }
 }
@@ -1456,16 +1853,6 @@ fn cidr_contains(outer: (Ipv4Addr, u8), inner: (Ipv4Addr, u8)) -> bool {
         && (u32::from(inner.0) & mask(outer.1)) == (u32::from(outer.0) & mask(outer.1))
 }
 
-/// Host number `n` of `cidr` (e.g. .2 of 198.18.128.0/24).
-fn host_in(cidr: &str, n: u32) -> Result<Ipv4Addr> {
-    let (a, p) = parse_cidr(cidr)?;
-    let size = if p == 32 { 1 } else { 1u64 << (32 - p) };
-    if u64::from(n) + 1 >= size {
-        bail!("{cidr} has no room for host {n}");
-    }
-    Ok(Ipv4Addr::from((u32::from(a) & mask(p)) + n))
-}
-
 /// The last `view updated` line of an agent log.
 fn last_view(log: &Path) -> Option<AgentView> {
     let text = std::fs::read(log).ok()?;
@@ -1666,11 +2053,6 @@ mod tests {
 
     #[test]
     fn cidr_math() {
-        assert_eq!(
-            host_in("198.18.128.0/24", 2).unwrap(),
-            Ipv4Addr::new(198, 18, 128, 2)
-        );
-        assert!(host_in("198.18.128.0/31", 2).is_err());
         let cluster = parse_cidr(CLUSTER_CIDR).unwrap();
         assert!(cidr_contains(
             cluster,
@@ -1689,6 +2071,7 @@ mod tests {
     #[test]
     fn namespace_owner() {
         assert_eq!(demo_owner("wd123-cp"), Some(123));
+        assert_eq!(demo_owner("wd123-p4"), Some(123));
         assert_eq!(demo_owner("wd123-"), None);
         assert_eq!(demo_owner("wdx-cp"), None);
         assert_eq!(demo_owner("other"), None);

@@ -4,6 +4,7 @@
 //! own tests do); dataplanes implement [`ServiceDataplane`] and only their
 //! `apply` touches the kernel.
 
+pub mod iptables;
 pub mod plan;
 pub mod report;
 pub mod tracer;

@@ -1,0 +1,456 @@
+//! Rendering a [`ServicePlan`] into iptables rules the way kube-proxy
+//! structures them, in weft's own chains only (`WEFT-…`), and the minimal
+//! `iptables-restore --noflush` input that rewrites just the chains that
+//! changed. Pure: applying it (and following the host's nft/legacy mode) is
+//! the dataplane's job.
+//!
+//! nat: `WEFT-SERVICES` (from PREROUTING and OUTPUT) matches cluster IPs,
+//! external and load-balancer IPs, then local destinations to
+//! `WEFT-NODEPORTS`; `WEFT-SVC-*` (internal endpoints, masquerading sources
+//! outside the cluster CIDR), `WEFT-EXT-*` (external traffic policy),
+//! `WEFT-SVL-*` (local endpoints), `WEFT-SEP-*` (one endpoint: hairpin
+//! masquerade, DNAT, affinity), `WEFT-MARK-MASQ`, `WEFT-POSTROUTING`.
+//! filter: `WEFT-SERVICES` rejects frontends with no usable endpoint, and
+//! `WEFT-EXTERNAL` drops external traffic with no local endpoint under
+//! `externalTrafficPolicy: Local`.
+
+use super::plan::{FrontendKind, PlannedService, ServicePlan, Target};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use weft_model::view::Protocol;
+
+pub const MASQ_MARK: &str = "0x4000/0x4000";
+
+/// Rules per chain, per table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub nat: BTreeMap<String, Vec<String>>,
+    pub filter: BTreeMap<String, Vec<String>>,
+}
+
+/// A short, stable hash for chain names (FNV-1a, hex, 16 chars): chain names
+/// stay within iptables' 28 characters.
+fn hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016X}")
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::TCP => "tcp",
+        Protocol::UDP => "udp",
+        Protocol::SCTP => "sctp",
+    }
+}
+
+fn port_id(svc: &PlannedService, i: usize) -> String {
+    let p = &svc.ports[i];
+    format!(
+        "{}/{}:{}/{}",
+        svc.namespace,
+        svc.name,
+        p.name,
+        proto(p.protocol)
+    )
+}
+
+fn comment(svc: &PlannedService, i: usize) -> String {
+    let p = &svc.ports[i];
+    if p.name.is_empty() {
+        format!("\"{}/{}\"", svc.namespace, svc.name)
+    } else {
+        format!("\"{}/{}:{}\"", svc.namespace, svc.name, p.name)
+    }
+}
+
+/// Render the whole plan.
+pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
+    let mut rs = Ruleset::default();
+    let mut services = Vec::new();
+    let mut nodeports = Vec::new();
+    let mut reject = Vec::new();
+    let mut external_drop = Vec::new();
+    for svc in &plan.services {
+        for (i, pb) in svc.backends.iter().enumerate() {
+            let id = port_id(svc, i);
+            let c = comment(svc, i);
+            let p = proto(svc.ports[i].protocol);
+            let svc_chain = format!("WEFT-SVC-{}", hash(&id));
+            let ext_chain = format!("WEFT-EXT-{}", hash(&id));
+            let svl_chain = format!("WEFT-SVL-{}", hash(&id));
+            let frontends: Vec<_> = svc.frontends.iter().filter(|f| f.port_index == i).collect();
+            if pb.cluster.is_empty() {
+                // No usable endpoint anywhere: refuse at once, never time out.
+                for f in &frontends {
+                    let m = match f.kind {
+                        FrontendKind::NodePort => {
+                            format!("-m addrtype --dst-type LOCAL -p {p} --dport {}", f.port)
+                        }
+                        _ => format!("-d {}/32 -p {p} --dport {}", f.ip, f.port),
+                    };
+                    reject.push(format!("-m comment --comment {c} {m} -j REJECT"));
+                }
+                continue;
+            }
+            let affinity = svc.affinity_timeout;
+            // Internal chain: sources outside the cluster CIDR are masqueraded.
+            let mut rules = vec![format!(
+                "! -s {cluster_cidr} -m comment --comment {c} -j WEFT-MARK-MASQ"
+            )];
+            rules.extend(spread(&pb.internal, &id, p, affinity, &mut rs));
+            rs.nat.insert(svc_chain.clone(), rules);
+            let externals = frontends.iter().any(|f| f.kind.external());
+            if externals {
+                let mut ext = Vec::new();
+                if svc.external_local {
+                    ext.push(format!("-s {cluster_cidr} -m comment --comment \"pods go to the internal endpoints\" -j {svc_chain}"));
+                    ext.push("-m addrtype --src-type LOCAL -j WEFT-MARK-MASQ".to_string());
+                    ext.push(format!("-m addrtype --src-type LOCAL -j {svc_chain}"));
+                    if pb.external.is_empty() {
+                        for f in frontends.iter().filter(|f| f.kind.external()) {
+                            external_drop.push(format!(
+                                "-m comment --comment {c} -d {}/32 -p {p} --dport {} -j DROP",
+                                f.ip, f.port
+                            ));
+                        }
+                    } else {
+                        ext.push(format!("-j {svl_chain}"));
+                        let local = spread(&pb.external, &id, p, affinity, &mut rs);
+                        rs.nat.insert(svl_chain.clone(), local);
+                    }
+                } else {
+                    ext.push(format!("-m comment --comment {c} -j WEFT-MARK-MASQ"));
+                    ext.push(format!("-j {svc_chain}"));
+                }
+                rs.nat.insert(ext_chain.clone(), ext);
+            }
+            for f in &frontends {
+                match f.kind {
+                    FrontendKind::ClusterIP => services.push(format!(
+                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {svc_chain}",
+                        f.ip, f.port
+                    )),
+                    FrontendKind::NodePort => nodeports.push(format!(
+                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
+                        f.ip, f.port
+                    )),
+                    FrontendKind::ExternalIP | FrontendKind::LoadBalancer => {
+                        services.push(format!(
+                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
+                        f.ip, f.port
+                    ))
+                    }
+                }
+            }
+        }
+    }
+    services.push("-m addrtype --dst-type LOCAL -j WEFT-NODEPORTS".into());
+    rs.nat.insert("WEFT-SERVICES".into(), services);
+    rs.nat.insert("WEFT-NODEPORTS".into(), nodeports);
+    rs.nat.insert(
+        "WEFT-MARK-MASQ".into(),
+        vec![format!(
+            "-j MARK --or-mark {}",
+            MASQ_MARK.split('/').next().unwrap_or("0x4000")
+        )],
+    );
+    rs.nat.insert(
+        "WEFT-POSTROUTING".into(),
+        vec![
+            format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
+            "-j MARK --xor-mark 0x4000".into(),
+            "-m comment --comment \"weft service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
+        ],
+    );
+    rs.filter.insert("WEFT-SERVICES".into(), reject);
+    rs.filter.insert("WEFT-EXTERNAL".into(), external_drop);
+    rs
+}
+
+/// The DNAT chains (`WEFT-SEP-*`) for `targets`, and the rules that spread
+/// connections evenly over them (statistic mode random), for the calling chain.
+fn spread(
+    targets: &[Target],
+    id: &str,
+    p: &str,
+    affinity: Option<u32>,
+    rs: &mut Ruleset,
+) -> Vec<String> {
+    let mut rules = Vec::new();
+    let n = targets.len();
+    let seps: Vec<String> = targets
+        .iter()
+        .map(|t| format!("WEFT-SEP-{}", hash(&format!("{id}@{}:{}", t.ip, t.port))))
+        .collect();
+    if let Some(timeout) = affinity {
+        // A client seen recently goes back to the same endpoint.
+        for sep in &seps {
+            rules.push(format!(
+                "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
+            ));
+        }
+    }
+    for (i, (t, sep)) in targets.iter().zip(&seps).enumerate() {
+        let left = n - i;
+        if left > 1 {
+            rules.push(format!(
+                "-m statistic --mode random --probability {:.10} -j {sep}",
+                1.0 / left as f64
+            ));
+        } else {
+            rules.push(format!("-j {sep}"));
+        }
+        let mut sep_rules = vec![format!("-s {}/32 -j WEFT-MARK-MASQ", t.ip)];
+        let recent = if affinity.is_some() {
+            format!("-m recent --name {sep} --set ")
+        } else {
+            String::new()
+        };
+        sep_rules.push(format!(
+            "-p {p} {recent}-m {p} -j DNAT --to-destination {}:{}",
+            t.ip, t.port
+        ));
+        rs.nat.insert(sep.clone(), sep_rules);
+    }
+    rules
+}
+
+/// `iptables-restore --noflush` input that makes `want` current given that
+/// `have` is what was last applied: only changed chains are rewritten, chains
+/// no longer wanted are flushed and deleted. `None` when nothing changed.
+pub fn restore_input(have: &Ruleset, want: &Ruleset) -> Option<String> {
+    let mut out = String::new();
+    for (table, h, w) in [
+        ("nat", &have.nat, &want.nat),
+        ("filter", &have.filter, &want.filter),
+    ] {
+        let changed: Vec<&String> = w
+            .iter()
+            .filter(|(k, v)| h.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        let gone: BTreeSet<&String> = h.keys().filter(|k| !w.contains_key(*k)).collect();
+        if changed.is_empty() && gone.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for c in changed.iter().copied().chain(gone.iter().copied()) {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for c in &changed {
+            for r in &w[*c] {
+                let _ = writeln!(out, "-A {c} {r}");
+            }
+        }
+        for c in &gone {
+            let _ = writeln!(out, "-X {c}");
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan::{build, PlanConfig};
+    use super::*;
+    use std::collections::BTreeMap as Map;
+    use weft_model::view::{FrontendPort, ServiceType};
+    use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
+
+    fn be(ip: &str, node: &str, ready: bool) -> Backend {
+        Backend {
+            ip: ip.parse().unwrap(),
+            node: Some(node.into()),
+            hostname: None,
+            target: None,
+            zone: None,
+            ports: vec![BackendPort {
+                name: "http".into(),
+                protocol: Protocol::TCP,
+                port: 8080,
+            }],
+            ready,
+            serving: ready,
+            terminating: false,
+        }
+    }
+
+    fn svc(
+        name: &str,
+        backends: Vec<Backend>,
+        etp_local: bool,
+        affinity: Option<u32>,
+    ) -> ServiceEntry {
+        ServiceEntry {
+            namespace: "default".into(),
+            name: name.into(),
+            service_type: ServiceType::NodePort,
+            cluster_ips: vec!["198.19.0.20".parse().unwrap()],
+            headless: false,
+            external_name: None,
+            ports: vec![FrontendPort {
+                name: "http".into(),
+                protocol: Protocol::TCP,
+                port: 80,
+                node_port: Some(30080),
+            }],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity_timeout: affinity,
+            external_local: etp_local,
+            internal_local: false,
+            health_check_node_port: None,
+            publish_not_ready: false,
+            proxied: true,
+            options: Map::new(),
+            backends,
+        }
+    }
+
+    fn render_of(services: Vec<ServiceEntry>) -> Ruleset {
+        let view = NodeView {
+            rev: 1,
+            synced: true,
+            services: services.into_iter().map(|s| (s.key(), s)).collect(),
+            nodes: Map::new(),
+        };
+        let plan = build(
+            &view,
+            &PlanConfig {
+                node: "node-1".into(),
+                node_addresses: vec!["198.18.0.11".parse().unwrap()],
+                localhost_node_ports: false,
+                external_ip_allow: vec![],
+                cluster_cidr: "198.18.128.0/17".parse().unwrap(),
+            },
+        );
+        render(&plan, "198.18.128.0/17")
+    }
+
+    #[test]
+    fn chains_are_ours_and_short() {
+        let rs = render_of(vec![svc(
+            "web",
+            vec![
+                be("198.18.128.5", "node-1", true),
+                be("198.18.129.5", "node-2", true),
+            ],
+            false,
+            None,
+        )]);
+        for name in rs.nat.keys().chain(rs.filter.keys()) {
+            assert!(name.starts_with("WEFT-") && name.len() <= 28, "{name}");
+        }
+        let services = &rs.nat["WEFT-SERVICES"];
+        assert!(
+            services[0].starts_with("-d 198.19.0.20/32 -p tcp -m tcp --dport 80"),
+            "{services:?}"
+        );
+        assert_eq!(
+            services.last().unwrap(),
+            "-m addrtype --dst-type LOCAL -j WEFT-NODEPORTS"
+        );
+        assert!(rs.nat["WEFT-NODEPORTS"][0]
+            .starts_with("-d 198.18.0.11/32 -p tcp -m tcp --dport 30080"));
+        // two endpoints: the first taken with probability 1/2, the second always
+        let svc_chain = rs.nat.keys().find(|k| k.starts_with("WEFT-SVC-")).unwrap();
+        let rules = &rs.nat[svc_chain];
+        assert!(rules[0].starts_with("! -s 198.18.128.0/17"));
+        assert!(rules[1].contains("--probability 0.5000000000"));
+        assert!(rules[2].starts_with("-j WEFT-SEP-"));
+        let sep = rs
+            .nat
+            .iter()
+            .find(|(k, v)| k.starts_with("WEFT-SEP-") && v[1].contains("198.18.129.5:8080"))
+            .unwrap()
+            .1;
+        assert_eq!(
+            sep[0], "-s 198.18.129.5/32 -j WEFT-MARK-MASQ",
+            "hairpin is masqueraded"
+        );
+        assert!(rs.filter["WEFT-SERVICES"].is_empty());
+    }
+
+    #[test]
+    fn no_endpoints_reject_and_local_policy_drop() {
+        let rs = render_of(vec![svc("empty", vec![], false, None)]);
+        assert_eq!(rs.filter["WEFT-SERVICES"].len(), 2, "{:?}", rs.filter);
+        assert!(rs.filter["WEFT-SERVICES"]
+            .iter()
+            .all(|r| r.ends_with("-j REJECT")));
+        let rs = render_of(vec![svc(
+            "remote-only",
+            vec![be("198.18.129.5", "node-2", true)],
+            true,
+            None,
+        )]);
+        assert_eq!(rs.filter["WEFT-EXTERNAL"].len(), 1);
+        let ext = rs
+            .nat
+            .iter()
+            .find(|(k, _)| k.starts_with("WEFT-EXT-"))
+            .unwrap()
+            .1;
+        assert!(
+            ext[0].starts_with("-s 198.18.128.0/17"),
+            "pods short-circuit to the internal chain: {ext:?}"
+        );
+        assert!(!ext.iter().any(|r| r.contains("WEFT-SVL-")));
+    }
+
+    #[test]
+    fn affinity_uses_recent() {
+        let rs = render_of(vec![svc(
+            "sticky",
+            vec![be("198.18.128.5", "node-1", true)],
+            false,
+            Some(60),
+        )]);
+        let svc_chain = rs.nat.keys().find(|k| k.starts_with("WEFT-SVC-")).unwrap();
+        assert!(rs.nat[svc_chain][1].contains("--rcheck --seconds 60"));
+        let sep = rs
+            .nat
+            .iter()
+            .find(|(k, _)| k.starts_with("WEFT-SEP-"))
+            .unwrap()
+            .1;
+        assert!(sep[1].contains("-m recent --name WEFT-SEP-") && sep[1].contains("--set"));
+    }
+
+    #[test]
+    fn restore_rewrites_only_changed_chains() {
+        let a = render_of(vec![
+            svc("one", vec![be("198.18.128.5", "node-1", true)], false, None),
+            svc("two", vec![be("198.18.128.6", "node-1", true)], false, None),
+        ]);
+        assert!(
+            restore_input(&a, &a).is_none(),
+            "nothing changed, nothing to apply"
+        );
+        let first = restore_input(&Ruleset::default(), &a).unwrap();
+        assert!(first.starts_with("*nat\n") && first.contains("COMMIT"));
+        // one endpoint of "two" changes: its SVC chain and the new SEP change, the old SEP goes
+        let b = render_of(vec![
+            svc("one", vec![be("198.18.128.5", "node-1", true)], false, None),
+            svc("two", vec![be("198.18.128.7", "node-1", true)], false, None),
+        ]);
+        let delta = restore_input(&a, &b).unwrap();
+        let flushed: Vec<&str> = delta.lines().filter(|l| l.starts_with(':')).collect();
+        assert_eq!(flushed.len(), 3, "{delta}");
+        assert_eq!(
+            delta.lines().filter(|l| l.starts_with("-X ")).count(),
+            1,
+            "{delta}"
+        );
+        assert!(!delta.contains("*filter"), "{delta}");
+        assert!(
+            !delta.contains("198.18.128.5"),
+            "the unchanged service is not touched: {delta}"
+        );
+    }
+}

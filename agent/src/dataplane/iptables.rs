@@ -9,7 +9,8 @@
 //! `WEFT-NODEPORTS`; `WEFT-SVC-*` (internal endpoints, masquerading sources
 //! outside the cluster CIDR), `WEFT-EXT-*` (external traffic policy),
 //! `WEFT-SVL-*` (local endpoints), `WEFT-SEP-*` (one endpoint: hairpin
-//! masquerade, DNAT, affinity), `WEFT-MARK-MASQ`, `WEFT-POSTROUTING`.
+//! masquerade, DNAT, affinity), `WEFT-MARK-MASQ`, `WEFT-SNAT` (the
+//! overlay's pod masquerade owns `WEFT-POSTROUTING`).
 //! filter: `WEFT-SERVICES` rejects frontends with no usable endpoint, and
 //! `WEFT-EXTERNAL` drops external traffic with no local endpoint under
 //! `externalTrafficPolicy: Local`.
@@ -159,7 +160,7 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
         )],
     );
     rs.nat.insert(
-        "WEFT-POSTROUTING".into(),
+        "WEFT-SNAT".into(),
         vec![
             format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
             "-j MARK --xor-mark 0x4000".into(),

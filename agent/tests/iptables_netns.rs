@@ -50,8 +50,6 @@ fn entry(
         name: name.into(),
         service_type: ServiceType::NodePort,
         cluster_ips: vec![format!("198.19.0.{}", 20 + name.len()).parse().unwrap()],
-        headless: false,
-        external_name: None,
         ports: vec![
             FrontendPort {
                 name: "http".into(),
@@ -66,15 +64,8 @@ fn entry(
                 node_port: None,
             },
         ],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
         affinity_timeout: affinity,
         external_local: etp_local,
-        internal_local: false,
-        health_check_node_port: None,
-        publish_not_ready: false,
-        proxied: true,
-        options: BTreeMap::new(),
         backends: backends
             .iter()
             .map(|(ip, node, ready)| Backend {
@@ -100,6 +91,7 @@ fn entry(
                 terminating: false,
             })
             .collect(),
+        ..Default::default()
     }
 }
 

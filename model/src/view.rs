@@ -148,6 +148,31 @@ pub struct ServiceEntry {
     pub backends: Vec<Backend>,
 }
 
+impl Default for ServiceEntry {
+    /// An empty ClusterIP Service handled by weft (`proxied`), for building entries field by field.
+    fn default() -> Self {
+        ServiceEntry {
+            namespace: String::new(),
+            name: String::new(),
+            service_type: ServiceType::ClusterIP,
+            cluster_ips: Vec::new(),
+            headless: false,
+            external_name: None,
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            affinity_timeout: None,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+            publish_not_ready: false,
+            proxied: true,
+            options: BTreeMap::new(),
+            backends: Vec::new(),
+        }
+    }
+}
+
 impl ServiceEntry {
     pub fn key(&self) -> (String, String) {
         (self.namespace.clone(), self.name.clone())
@@ -384,25 +409,13 @@ mod tests {
         ServiceEntry {
             namespace: "default".into(),
             name: name.into(),
-            service_type: ServiceType::ClusterIP,
             cluster_ips: vec![ip.parse().unwrap()],
-            headless: false,
-            external_name: None,
             ports: vec![FrontendPort {
                 name: "http".into(),
                 protocol: Protocol::TCP,
                 port: 80,
                 node_port: None,
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            affinity_timeout: None,
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: None,
-            publish_not_ready: false,
-            proxied: true,
-            options: BTreeMap::new(),
             backends: vec![Backend {
                 ip: "198.18.128.2".parse().unwrap(),
                 node: Some("n1".into()),
@@ -418,6 +431,7 @@ mod tests {
                 serving: true,
                 terminating: false,
             }],
+            ..Default::default()
         }
     }
 

@@ -292,24 +292,16 @@ mod tests {
             name: name.into(),
             service_type: ServiceType::NodePort,
             cluster_ips: vec!["198.19.0.20".parse().unwrap()],
-            headless: false,
-            external_name: None,
             ports: vec![FrontendPort {
                 name: "http".into(),
                 protocol: Protocol::TCP,
                 port: 80,
                 node_port: Some(30080),
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
             affinity_timeout: affinity,
             external_local: etp_local,
-            internal_local: false,
-            health_check_node_port: None,
-            publish_not_ready: false,
-            proxied: true,
-            options: Map::new(),
             backends,
+            ..Default::default()
         }
     }
 

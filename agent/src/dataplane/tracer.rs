@@ -206,8 +206,6 @@ mod tests {
             name: name.into(),
             service_type: ServiceType::NodePort,
             cluster_ips: vec!["198.19.0.20".parse().unwrap()],
-            headless: false,
-            external_name: None,
             ports: vec![FrontendPort {
                 name: "http".into(),
                 protocol: Protocol::TCP,
@@ -218,15 +216,8 @@ mod tests {
                 "198.19.255.50".parse().unwrap(),
                 "198.19.254.1".parse().unwrap(),
             ],
-            load_balancer_ips: vec![],
-            affinity_timeout: None,
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: None,
-            publish_not_ready: false,
-            proxied: true,
-            options: BTreeMap::new(),
             backends,
+            ..Default::default()
         }
     }
 

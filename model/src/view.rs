@@ -320,11 +320,6 @@ pub mod wire {
         v.extend_from_slice(b"}}\n");
         v
     }
-
-    /// Encode several entries with [`service`].
-    pub fn services_of(entries: &[ServiceEntry]) -> Vec<Vec<u8>> {
-        entries.iter().map(service).collect()
-    }
 }
 
 /// Why a frame could not be applied to a view.
@@ -346,58 +341,99 @@ pub struct NodeView {
     pub nodes: BTreeMap<String, NodeEntry>,
 }
 
+/// Where a client keeps the entries of its view. [`apply`] owns the stream's
+/// rules (a Reset replaces everything; a Delta must follow a Reset and carry a
+/// newer revision); a store only says how entries are kept.
+pub trait ViewStore {
+    fn rev(&self) -> u64;
+    fn synced(&self) -> bool;
+    fn set_rev(&mut self, rev: u64);
+    /// Replace everything with a snapshot (and mark the view synced).
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>);
+    fn put_service(&mut self, service: ServiceEntry);
+    fn remove_service(&mut self, namespace: String, name: String);
+    fn put_node(&mut self, node: NodeEntry);
+    fn remove_node(&mut self, name: String);
+}
+
+/// Apply one frame to any store, with the stream's ordering rules.
+pub fn apply<S: ViewStore + ?Sized>(store: &mut S, frame: StreamFrame) -> Result<(), ViewError> {
+    match frame {
+        StreamFrame::Reset {
+            rev,
+            services,
+            nodes,
+        } => {
+            store.reset(services, nodes);
+            store.set_rev(rev);
+        }
+        StreamFrame::Delta { rev, changes } => {
+            if !store.synced() {
+                return Err(ViewError::NoReset);
+            }
+            if rev <= store.rev() {
+                return Err(ViewError::OutOfOrder {
+                    have: store.rev(),
+                    got: rev,
+                });
+            }
+            for c in changes {
+                match c {
+                    Change::Service { service } => store.put_service(service),
+                    Change::ServiceRemoved { namespace, name } => {
+                        store.remove_service(namespace, name)
+                    }
+                    Change::Node { node } => store.put_node(node),
+                    Change::NodeRemoved { name } => store.remove_node(name),
+                }
+            }
+            store.set_rev(rev);
+        }
+        StreamFrame::Ping { .. } => {}
+    }
+    Ok(())
+}
+
+impl ViewStore for NodeView {
+    fn rev(&self) -> u64 {
+        self.rev
+    }
+    fn synced(&self) -> bool {
+        self.synced
+    }
+    fn set_rev(&mut self, rev: u64) {
+        self.rev = rev;
+    }
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>) {
+        self.synced = true;
+        self.services = services
+            .into_iter()
+            .map(|mut s| {
+                s.shrink();
+                (s.key(), s)
+            })
+            .collect();
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+    }
+    fn put_service(&mut self, mut service: ServiceEntry) {
+        service.shrink();
+        self.services.insert(service.key(), service);
+    }
+    fn remove_service(&mut self, namespace: String, name: String) {
+        self.services.remove(&(namespace, name));
+    }
+    fn put_node(&mut self, node: NodeEntry) {
+        self.nodes.insert(node.name.clone(), node);
+    }
+    fn remove_node(&mut self, name: String) {
+        self.nodes.remove(&name);
+    }
+}
+
 impl NodeView {
     /// Apply one frame. A Reset replaces everything; a Delta must be newer.
     pub fn apply(&mut self, frame: StreamFrame) -> Result<(), ViewError> {
-        match frame {
-            StreamFrame::Reset {
-                rev,
-                services,
-                nodes,
-            } => {
-                self.rev = rev;
-                self.synced = true;
-                self.services = services
-                    .into_iter()
-                    .map(|mut s| {
-                        s.shrink();
-                        (s.key(), s)
-                    })
-                    .collect();
-                self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
-            }
-            StreamFrame::Delta { rev, changes } => {
-                if !self.synced {
-                    return Err(ViewError::NoReset);
-                }
-                if rev <= self.rev {
-                    return Err(ViewError::OutOfOrder {
-                        have: self.rev,
-                        got: rev,
-                    });
-                }
-                for c in changes {
-                    match c {
-                        Change::Service { mut service } => {
-                            service.shrink();
-                            self.services.insert(service.key(), service);
-                        }
-                        Change::ServiceRemoved { namespace, name } => {
-                            self.services.remove(&(namespace, name));
-                        }
-                        Change::Node { node } => {
-                            self.nodes.insert(node.name.clone(), node);
-                        }
-                        Change::NodeRemoved { name } => {
-                            self.nodes.remove(&name);
-                        }
-                    }
-                }
-                self.rev = rev;
-            }
-            StreamFrame::Ping { .. } => {}
-        }
-        Ok(())
+        apply(self, frame)
     }
 }
 
@@ -447,7 +483,7 @@ mod tests {
             vtep_mac: None,
             ready: true,
         };
-        let enc = wire::services_of(&[a.clone(), b.clone()]);
+        let enc: Vec<Vec<u8>> = [&a, &b].into_iter().map(wire::service).collect();
         let line = wire::reset(7, enc.iter().map(|v| v.as_slice()), &[&node]);
         assert_eq!(line.last(), Some(&b'\n'));
         let frame = StreamFrame::decode(&line[..line.len() - 1]).unwrap();

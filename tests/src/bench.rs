@@ -13,7 +13,7 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use weft_model::view::{Backend, FrontendPort, NodeEntry, Protocol, ServiceEntry, ServiceType};
-use weft_model::{Change, NodeView, StreamFrame};
+use weft_model::{NodeView, StreamFrame};
 
 // ---------------------------------------------------------------- HTTP client
 
@@ -250,9 +250,9 @@ impl Held {
 }
 
 /// A view that keeps, per entry, a hash of the decoded entry instead of the
-/// entry (1,000 full views of 10k Services do not fit in memory). Applying
-/// follows `NodeView::apply` exactly: same ordering checks, same replace and
-/// remove semantics, on the fully decoded frame.
+/// entry (1,000 full views of 10k Services do not fit in memory). Frames are
+/// applied by the same `weft_model::view::apply` as `NodeView`'s, on the fully
+/// decoded frame.
 #[derive(Default)]
 pub struct HashedView {
     pub rev: u64,
@@ -263,62 +263,50 @@ pub struct HashedView {
 
 impl HashedView {
     pub fn apply(&mut self, frame: StreamFrame) -> anyhow::Result<()> {
-        match frame {
-            StreamFrame::Reset {
-                rev,
-                services,
-                nodes,
-            } => {
-                self.rev = rev;
-                self.synced = true;
-                self.services = services
-                    .into_iter()
-                    .map(|s| {
-                        let h = hash_service(&s);
-                        ((s.namespace, s.name), h)
-                    })
-                    .collect();
-                self.nodes = nodes
-                    .into_iter()
-                    .map(|n| {
-                        let h = hash_node(&n);
-                        (n.name, h)
-                    })
-                    .collect();
-            }
-            StreamFrame::Delta { rev, changes } => {
-                if !self.synced {
-                    bail!("delta received before any reset");
-                }
-                if rev <= self.rev {
-                    bail!(
-                        "delta at revision {rev} does not follow revision {}",
-                        self.rev
-                    );
-                }
-                for c in changes {
-                    match c {
-                        Change::Service { service } => {
-                            let h = hash_service(&service);
-                            self.services.insert((service.namespace, service.name), h);
-                        }
-                        Change::ServiceRemoved { namespace, name } => {
-                            self.services.remove(&(namespace, name));
-                        }
-                        Change::Node { node } => {
-                            let h = hash_node(&node);
-                            self.nodes.insert(node.name, h);
-                        }
-                        Change::NodeRemoved { name } => {
-                            self.nodes.remove(&name);
-                        }
-                    }
-                }
-                self.rev = rev;
-            }
-            StreamFrame::Ping { .. } => {}
-        }
-        Ok(())
+        Ok(weft_model::view::apply(self, frame)?)
+    }
+}
+
+impl weft_model::view::ViewStore for HashedView {
+    fn rev(&self) -> u64 {
+        self.rev
+    }
+    fn synced(&self) -> bool {
+        self.synced
+    }
+    fn set_rev(&mut self, rev: u64) {
+        self.rev = rev;
+    }
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>) {
+        self.synced = true;
+        self.services = services
+            .into_iter()
+            .map(|s| {
+                let h = hash_service(&s);
+                ((s.namespace, s.name), h)
+            })
+            .collect();
+        self.nodes = nodes
+            .into_iter()
+            .map(|n| {
+                let h = hash_node(&n);
+                (n.name, h)
+            })
+            .collect();
+    }
+    fn put_service(&mut self, service: ServiceEntry) {
+        let h = hash_service(&service);
+        self.services.insert((service.namespace, service.name), h);
+    }
+    fn remove_service(&mut self, namespace: String, name: String) {
+        self.services.remove(&(namespace, name));
+    }
+    fn put_node(&mut self, node: NodeEntry) {
+        let h = hash_node(&node);
+        self.nodes.insert(node.name, h);
+    }
+    fn remove_node(&mut self, name: String) {
+        self.nodes.remove(&name);
     }
 }
 

@@ -1,6 +1,7 @@
 //! netctl: weft's operator CLI. `apply`, `get` and `delete` against the
 //! control plane's Kubernetes API, with kubectl's output conventions.
 
+pub mod agent;
 pub mod apply;
 pub mod client;
 pub mod delete;

@@ -2,60 +2,14 @@
 //! VXLAN overlay looks — this node's side, every peer's route, neighbour and
 //! FDB entry, and what a reconcile would still change.
 
-use anyhow::{Context as _, Result};
+use crate::agent::{s, show, AgentArgs};
+use anyhow::Result;
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[derive(Debug, clap::Args)]
 pub struct OverlayArgs {
-    /// The agent's local socket on this node.
-    #[arg(
-        long,
-        env = "WEFT_AGENT_SOCKET",
-        default_value = "/run/weft/agent.sock"
-    )]
-    pub socket: PathBuf,
-    /// Output format.
-    #[arg(short = 'o', long, value_parser = ["json"])]
-    pub output: Option<String>,
-}
-
-/// Ask the agent (`request` carries `op` and its arguments); the answer is its JSON.
-pub async fn query(socket: &PathBuf, request: &serde_json::Value) -> Result<serde_json::Value> {
-    let ask = async {
-        let mut s = tokio::net::UnixStream::connect(socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the agent at {} (is weft-agent running on this node?)",
-                    socket.display()
-                )
-            })?;
-        let mut req = serde_json::to_vec(request)?;
-        req.push(b'\n');
-        s.write_all(&req).await?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(s).read_line(&mut line).await?;
-        serde_json::from_str::<serde_json::Value>(&line).context("the agent's answer is not JSON")
-    };
-    tokio::time::timeout(Duration::from_secs(15), ask)
-        .await
-        .with_context(|| {
-            format!(
-                "the agent at {} did not answer within 15s",
-                socket.display()
-            )
-        })?
-}
-
-pub(crate) fn s(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "<none>".into(),
-        other => other.to_string(),
-    }
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 fn mark(v: &serde_json::Value) -> &'static str {
@@ -176,12 +130,13 @@ pub fn render(v: &serde_json::Value) -> String {
 }
 
 pub async fn run(args: &OverlayArgs, out: &mut impl Write) -> Result<bool> {
-    let v = query(&args.socket, &serde_json::json!({"op": "overlay"})).await?;
-    match args.output.as_deref() {
-        Some("json") => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-        _ => write!(out, "{}", render(&v))?,
-    }
-    Ok(v.get("error").is_none())
+    show(
+        &args.agent,
+        &serde_json::json!({"op": "overlay"}),
+        render,
+        out,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -3,22 +3,14 @@
 //! packet on this node, in words). Both ask the local agent, which answers
 //! from the view it holds.
 
-use crate::overlay::{query, s};
+use crate::agent::{s, show, AgentArgs};
 use anyhow::Result;
 use std::io::Write;
-use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct ServicesArgs {
-    /// The agent's local socket on this node.
-    #[arg(
-        long,
-        env = "WEFT_AGENT_SOCKET",
-        default_value = "/run/weft/agent.sock"
-    )]
-    pub socket: PathBuf,
-    #[arg(short = 'o', long, value_parser = ["json"])]
-    pub output: Option<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -30,14 +22,8 @@ pub struct TraceArgs {
     pub to: String,
     #[arg(long, short = 'p', default_value = "TCP")]
     pub protocol: String,
-    #[arg(
-        long,
-        env = "WEFT_AGENT_SOCKET",
-        default_value = "/run/weft/agent.sock"
-    )]
-    pub socket: PathBuf,
-    #[arg(short = 'o', long, value_parser = ["json"])]
-    pub output: Option<String>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 /// Human form of the services answer.
@@ -91,30 +77,32 @@ pub fn render_services(v: &serde_json::Value) -> String {
 }
 
 pub async fn services(args: &ServicesArgs, out: &mut impl Write) -> Result<bool> {
-    let v = query(&args.socket, &serde_json::json!({"op": "services"})).await?;
-    match args.output.as_deref() {
-        Some("json") => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-        _ => write!(out, "{}", render_services(&v))?,
-    }
-    Ok(v.get("error").is_none())
+    show(
+        &args.agent,
+        &serde_json::json!({"op": "services"}),
+        render_services,
+        out,
+    )
+    .await
 }
 
-pub async fn trace(args: &TraceArgs, out: &mut impl Write) -> Result<bool> {
-    let req = serde_json::json!({"op": "trace", "from": args.from, "to": args.to, "protocol": args.protocol});
-    let v = query(&args.socket, &req).await?;
-    match (args.output.as_deref(), v.get("error")) {
-        (Some("json"), _) => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-        (_, Some(e)) => writeln!(out, "error: {}", s(e))?,
-        _ => writeln!(
-            out,
-            "{} -> {} {}: {}",
+/// Human form of a trace answer.
+pub fn render_trace(v: &serde_json::Value) -> String {
+    match v.get("error") {
+        Some(e) => format!("error: {}\n", s(e)),
+        None => format!(
+            "{} -> {} {}: {}\n",
             s(&v["from"]),
             s(&v["to"]),
             s(&v["protocol"]),
             s(&v["explanation"])
-        )?,
+        ),
     }
-    Ok(v.get("error").is_none())
+}
+
+pub async fn trace(args: &TraceArgs, out: &mut impl Write) -> Result<bool> {
+    let req = serde_json::json!({"op": "trace", "from": args.from, "to": args.to, "protocol": args.protocol});
+    show(&args.agent, &req, render_trace, out).await
 }
 
 #[cfg(test)]
@@ -140,6 +128,20 @@ mod tests {
         assert!(
             text.contains("note: externalIP not in the allow-list: shop/web 203.0.113.9"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_trace_answers_and_errors() {
+        let v = serde_json::json!({"from": "LocalPod(198.18.128.9)", "to": "198.19.0.10:53", "protocol": "UDP",
+            "explanation": "kube-system/dns via ClusterIP: translated to one of 198.18.128.2:9090 (local)"});
+        assert_eq!(
+            render_trace(&v),
+            "LocalPod(198.18.128.9) -> 198.19.0.10:53 UDP: kube-system/dns via ClusterIP: translated to one of 198.18.128.2:9090 (local)\n"
+        );
+        assert_eq!(
+            render_trace(&serde_json::json!({"error": "to: \"x\": expected IP:PORT"})),
+            "error: to: \"x\": expected IP:PORT\n"
         );
     }
 }

@@ -2,13 +2,12 @@
 //! network namespace this test creates (removed even on failure). Needs root;
 //! otherwise it says "skipped" and why.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use weft_agent::dataplane::fixtures;
 use weft_agent::dataplane::iptables::{render, restore_input, Ruleset};
-use weft_agent::dataplane::plan::{build, PlanConfig};
 use weft_model::view::{FrontendPort, Protocol, ServiceType};
-use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
+use weft_model::{Backend, BackendPort, ServiceEntry};
 
 struct Netns(String);
 
@@ -96,23 +95,7 @@ fn entry(
 }
 
 fn rules(services: Vec<ServiceEntry>) -> Ruleset {
-    let view = NodeView {
-        rev: 1,
-        synced: true,
-        services: services.into_iter().map(|s| (s.key(), s)).collect(),
-        nodes: BTreeMap::new(),
-    };
-    let plan = build(
-        &view,
-        &PlanConfig {
-            node: "node-1".into(),
-            node_addresses: vec!["198.18.0.11".parse().unwrap()],
-            localhost_node_ports: false,
-            external_ip_allow: vec![],
-            cluster_cidr: "198.18.128.0/17".parse().unwrap(),
-        },
-    );
-    render(&plan, "198.18.128.0/17")
+    render(&fixtures::plan(services), fixtures::CLUSTER_CIDR)
 }
 
 #[test]

@@ -257,28 +257,12 @@ pub fn restore_input(have: &Ruleset, want: &Ruleset) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::plan::{build, PlanConfig};
+    use super::super::fixtures::{self, node_port_service, CLUSTER_CIDR};
     use super::*;
-    use std::collections::BTreeMap as Map;
-    use weft_model::view::{FrontendPort, ServiceType};
-    use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
+    use weft_model::{Backend, ServiceEntry};
 
     fn be(ip: &str, node: &str, ready: bool) -> Backend {
-        Backend {
-            ip: ip.parse().unwrap(),
-            node: Some(node.into()),
-            hostname: None,
-            target: None,
-            zone: None,
-            ports: vec![BackendPort {
-                name: "http".into(),
-                protocol: Protocol::TCP,
-                port: 8080,
-            }],
-            ready,
-            serving: ready,
-            terminating: false,
-        }
+        fixtures::backend(ip, node, ready, ready, false)
     }
 
     fn svc(
@@ -288,41 +272,14 @@ mod tests {
         affinity: Option<u32>,
     ) -> ServiceEntry {
         ServiceEntry {
-            namespace: "default".into(),
-            name: name.into(),
-            service_type: ServiceType::NodePort,
-            cluster_ips: vec!["198.19.0.20".parse().unwrap()],
-            ports: vec![FrontendPort {
-                name: "http".into(),
-                protocol: Protocol::TCP,
-                port: 80,
-                node_port: Some(30080),
-            }],
-            affinity_timeout: affinity,
             external_local: etp_local,
-            backends,
-            ..Default::default()
+            affinity_timeout: affinity,
+            ..node_port_service(name, backends)
         }
     }
 
     fn render_of(services: Vec<ServiceEntry>) -> Ruleset {
-        let view = NodeView {
-            rev: 1,
-            synced: true,
-            services: services.into_iter().map(|s| (s.key(), s)).collect(),
-            nodes: Map::new(),
-        };
-        let plan = build(
-            &view,
-            &PlanConfig {
-                node: "node-1".into(),
-                node_addresses: vec!["198.18.0.11".parse().unwrap()],
-                localhost_node_ports: false,
-                external_ip_allow: vec![],
-                cluster_cidr: "198.18.128.0/17".parse().unwrap(),
-            },
-        );
-        render(&plan, "198.18.128.0/17")
+        render(&fixtures::plan(services), CLUSTER_CIDR)
     }
 
     #[test]

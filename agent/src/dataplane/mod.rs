@@ -4,6 +4,8 @@
 //! own tests do); dataplanes implement [`ServiceDataplane`] and only their
 //! `apply` touches the kernel.
 
+#[doc(hidden)]
+pub mod fixtures;
 pub mod iptables;
 pub mod plan;
 pub mod report;

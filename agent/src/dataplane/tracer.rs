@@ -174,70 +174,18 @@ impl Verdict {
 
 #[cfg(test)]
 mod tests {
-    use super::super::plan::{build, PlanConfig};
+    use super::super::fixtures::{backend as be, node_port_service, plan as plan_of, NODE as ME};
     use super::*;
-    use std::collections::BTreeMap;
-    use weft_model::view::{FrontendPort, ServiceType};
-    use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
-
-    const ME: &str = "node-1";
-
-    fn be(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Backend {
-        Backend {
-            ip: ip.parse().unwrap(),
-            node: Some(node.into()),
-            hostname: None,
-            target: None,
-            zone: None,
-            ports: vec![BackendPort {
-                name: "http".into(),
-                protocol: Protocol::TCP,
-                port: 8080,
-            }],
-            ready,
-            serving,
-            terminating,
-        }
-    }
+    use weft_model::{Backend, ServiceEntry};
 
     fn svc(name: &str, backends: Vec<Backend>) -> ServiceEntry {
         ServiceEntry {
-            namespace: "default".into(),
-            name: name.into(),
-            service_type: ServiceType::NodePort,
-            cluster_ips: vec!["198.19.0.20".parse().unwrap()],
-            ports: vec![FrontendPort {
-                name: "http".into(),
-                protocol: Protocol::TCP,
-                port: 80,
-                node_port: Some(30080),
-            }],
             external_ips: vec![
                 "198.19.255.50".parse().unwrap(),
                 "198.19.254.1".parse().unwrap(),
             ],
-            backends,
-            ..Default::default()
+            ..node_port_service(name, backends)
         }
-    }
-
-    fn plan_of(services: Vec<ServiceEntry>) -> ServicePlan {
-        let view = NodeView {
-            rev: 1,
-            synced: true,
-            services: services.into_iter().map(|s| (s.key(), s)).collect(),
-            nodes: BTreeMap::new(),
-        };
-        build(
-            &view,
-            &PlanConfig {
-                node: ME.into(),
-                node_addresses: vec!["198.18.0.11".parse().unwrap()],
-                localhost_node_ports: false,
-                external_ip_allow: vec!["198.19.255.0/24".parse().unwrap()],
-                cluster_cidr: "198.18.128.0/17".parse().unwrap(),
-            },
-        )
     }
 
     fn pkt(src: Source, dst: &str, port: u16) -> Packet {

@@ -135,22 +135,6 @@ async fn register(ep: &Endpoint, name: &str, ip: IpAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Summary of a view for the log line.
-trait Summary {
-    fn summary(&self, node: &str) -> (u64, usize, usize, String);
-}
-
-impl Summary for NodeView {
-    fn summary(&self, node: &str) -> (u64, usize, usize, String) {
-        let subnet = self
-            .nodes
-            .get(node)
-            .map(|n| n.pod_cidrs.join(","))
-            .unwrap_or_default();
-        (self.rev, self.services.len(), self.nodes.len(), subnet)
-    }
-}
-
 /// The overlay and node setup, reconciled on every view change and on a timer.
 struct NodeLoop {
     cfg: overlay::OverlayConfig,
@@ -365,8 +349,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 changed = rx.changed() => {
                     if changed.is_err() { break; }
                     rx.borrow_and_update();
-                    let v = view.read().unwrap_or_else(|p| p.into_inner()).summary(&args.node_name);
-                    tracing::info!(rev = v.0, services = v.1, nodes = v.2, subnet = v.3, "view updated");
+                    let v = view.read().unwrap_or_else(|p| p.into_inner());
+                    let subnet = v.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
+                    tracing::info!(rev = v.rev, services = v.services.len(), nodes = v.nodes.len(), subnet, "view updated");
                 }
                 _ = resync.tick() => {}
                 Some(q) = queries.recv() => {

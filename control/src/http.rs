@@ -2,7 +2,9 @@
 //! limits, `Status` errors, watches, and the weft push stream.
 
 use crate::auth::{Identity, Tokens};
-use crate::state::{authorize_read, Control, DeleteOptions, FieldSelector, Stored};
+use crate::state::{
+    authorize_read, watch_line, Control, DeleteOptions, EventType, FieldSelector, Stored,
+};
 use crate::status::ApiError;
 use crate::watch::Resume;
 use bytes::Bytes;
@@ -530,23 +532,21 @@ impl ApiServer {
                 ApiError::BadRequest(format!("resourceVersion: Invalid value: {v:?}"))
             })?),
         };
-        let (tx, rx) = mpsc::channel::<Bytes>(256);
-        let (initial, mut last, mut live): (Vec<Bytes>, u64, broadcast::Receiver<_>) = match since {
+        let filter = WatchFilter {
+            kind,
+            ns: ns.map(str::to_string),
+            labels,
+            fields,
+            who: who.clone(),
+        };
+        let (initial, last, mut live): (Vec<Bytes>, u64, broadcast::Receiver<_>) = match since {
             None => {
+                // Everything now, as ADDED events, then what follows.
                 let (items, rev, live) = self.control.list_and_subscribe(kind, ns);
                 let lines = items
                     .iter()
-                    .filter(|s| {
-                        labels.matches(s.obj.meta().labels.as_ref())
-                            && fields.matches(&s.obj)
-                            && authorize_read(who, &s.obj)
-                    })
-                    .map(|s| {
-                        let mut v = b"{\"type\":\"ADDED\",\"object\":".to_vec();
-                        v.extend_from_slice(&s.json);
-                        v.extend_from_slice(b"}\n");
-                        Bytes::from(v)
-                    })
+                    .filter(|s| filter.visible(&s.obj))
+                    .map(|s| watch_line(EventType::Added, &s.json))
                     .collect();
                 (lines, rev, live)
             }
@@ -558,66 +558,43 @@ impl ApiServer {
                     .unwrap_or_else(|p| p.into_inner())
                     .resume(rv);
                 match resume {
+                    // Too old: one ERROR event and the end, so the client re-lists.
                     Resume::Gone { oldest } => {
-                        let st = ApiError::Gone {
-                            requested: rv,
-                            oldest,
-                        }
-                        .status();
-                        let line = serde_json::json!({"type": "ERROR", "object": st});
-                        let mut v = serde_json::to_vec(&line).unwrap_or_default();
-                        v.push(b'\n');
-                        (
-                            vec![Bytes::from(v)],
-                            u64::MAX,
-                            self.control
-                                .watch
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .subscribe(),
-                        )
+                        return Ok(json_response(
+                            200,
+                            error_event(&ApiError::Gone {
+                                requested: rv,
+                                oldest,
+                            }),
+                        ));
                     }
                     Resume::From(events, live) => {
                         let lines = events
                             .iter()
-                            .filter(|e| {
-                                e.obj.kind() == kind && ns.is_none_or(|n| e.obj.namespace() == n)
-                            })
-                            .filter_map(|e| {
-                                e.line_for(|o| {
-                                    labels.matches(o.meta().labels.as_ref())
-                                        && fields.matches(o)
-                                        && authorize_read(who, o)
-                                })
-                            })
+                            .filter(|e| filter.selects(&e.obj))
+                            .filter_map(|e| e.line_for(|o| filter.visible(o)))
                             .collect();
-                        let last = events.last().map(|e| e.rev).unwrap_or(rv);
-                        (lines, last.max(rv), live)
+                        let last = events.last().map_or(rv, |e| e.rev.max(rv));
+                        (lines, last, live)
                     }
                 }
             }
         };
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
         let control = self.control.clone();
-        let who = who.clone();
-        let ns = ns.map(str::to_string);
         tokio::spawn(async move {
             // Objects listed above may not be durable yet: wait before sending them.
-            if last != u64::MAX {
-                let mut d = control.durable();
-                if crate::store::wait_durable(&mut d, last.min(control.rev()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+            let mut d = control.durable();
+            if crate::store::wait_durable(&mut d, last.min(control.rev()))
+                .await
+                .is_err()
+            {
+                return;
             }
             for line in initial {
                 if tx.send(line).await.is_err() {
                     return;
                 }
-            }
-            if last == u64::MAX {
-                return; // expired: the client must re-list
             }
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             loop {
@@ -631,23 +608,18 @@ impl ApiServer {
                     ev = next => match ev {
                         None => return,
                         Some(Ok(e)) => {
-                            if e.rev <= last || e.obj.kind() != kind || ns.as_deref().is_some_and(|n| e.obj.namespace() != n) {
+                            // Events at or below `last` were part of the initial lines.
+                            if e.rev <= last || !filter.selects(&e.obj) {
                                 continue;
                             }
-                            let Some(line) = e.line_for(|o| {
-                                labels.matches(o.meta().labels.as_ref()) && fields.matches(o) && authorize_read(&who, o)
-                            }) else {
-                                continue;
-                            };
+                            let Some(line) = e.line_for(|o| filter.visible(o)) else { continue };
                             if tx.send(line).await.is_err() {
                                 return;
                             }
                         }
                         Some(Err(broadcast::error::RecvError::Lagged(_))) => {
-                            let st = ApiError::Gone { requested: last, oldest: control.rev() }.status();
-                            let mut v = serde_json::to_vec(&serde_json::json!({"type": "ERROR", "object": st})).unwrap_or_default();
-                            v.push(b'\n');
-                            let _ = tx.send(Bytes::from(v)).await;
+                            let gone = ApiError::Gone { requested: last, oldest: control.rev() };
+                            let _ = tx.send(error_event(&gone)).await;
                             return;
                         }
                         Some(Err(broadcast::error::RecvError::Closed)) => return,
@@ -656,8 +628,6 @@ impl ApiServer {
                 }
             }
         });
-        // `last` is only a filter for events at or below the listed revision.
-        let _ = &mut last;
         Ok(stream_response(rx, "application/json"))
     }
 
@@ -690,6 +660,37 @@ impl ApiServer {
         let rx = crate::stream::open(self.control.clone(), since);
         Ok(stream_response(rx, "application/x-ndjson"))
     }
+}
+
+/// Which objects a watch sends.
+struct WatchFilter {
+    kind: Kind,
+    ns: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    who: Identity,
+}
+
+impl WatchFilter {
+    /// The watched collection (kind and namespace).
+    fn selects(&self, o: &weft_model::Object) -> bool {
+        o.kind() == self.kind && self.ns.as_deref().is_none_or(|n| o.namespace() == n)
+    }
+
+    /// Within the collection: matches the selectors and may be read by the watcher.
+    fn visible(&self, o: &weft_model::Object) -> bool {
+        self.labels.matches(o.meta().labels.as_ref())
+            && self.fields.matches(o)
+            && authorize_read(&self.who, o)
+    }
+}
+
+/// A watch `ERROR` event carrying the error's Status.
+fn error_event(e: &ApiError) -> Bytes {
+    let mut v = serde_json::to_vec(&serde_json::json!({"type": "ERROR", "object": e.status()}))
+        .unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
 }
 
 fn forbidden_read(who: &Identity, kind: Kind, name: &str) -> ApiError {

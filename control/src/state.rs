@@ -818,7 +818,7 @@ impl Control {
         {
             let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
             for c in &ready {
-                w.publish(c.rev, &c.events);
+                w.publish(&c.events);
             }
         }
         let mut hub = self.hub.lock().unwrap_or_else(|p| p.into_inner());
@@ -833,7 +833,8 @@ impl Control {
     }
 }
 
-fn watch_line(event: EventType, json: &[u8]) -> Bytes {
+/// One watch event line: `{"type":"ADDED","object":{...}}\n`.
+pub(crate) fn watch_line(event: EventType, json: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(json.len() + 32);
     v.extend_from_slice(b"{\"type\":\"");
     v.extend_from_slice(event.as_str().as_bytes());

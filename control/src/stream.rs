@@ -102,7 +102,7 @@ pub fn open(control: Arc<Control>, since: Option<u64>) -> mpsc::Receiver<Bytes> 
 }
 
 /// Reset (snapshot) and subscription, consistent: the receiver sees every delta after the snapshot.
-async fn reset(control: &Arc<Control>) -> (u64, Bytes, broadcast::Receiver<Encoded>) {
+fn reset(control: &Arc<Control>) -> (u64, Bytes, broadcast::Receiver<Encoded>) {
     let rx = control
         .hub
         .lock()
@@ -136,7 +136,7 @@ async fn run(
             (last, rx)
         }
         None => {
-            let (rev, bytes, rx) = reset(&control).await;
+            let (rev, bytes, rx) = reset(&control);
             wait_durable(&control, rev).await?;
             tx.send(bytes).await.map_err(|_| "client gone")?;
             (rev, rx)
@@ -156,7 +156,7 @@ async fn run(
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Too far behind to catch up from deltas: start over from a snapshot.
                     tracing::info!(skipped = n, "stream subscriber lagged; sending a reset");
-                    let (rev, bytes, new_rx) = reset(&control).await;
+                    let (rev, bytes, new_rx) = reset(&control);
                     wait_durable(&control, rev).await?;
                     rx = new_rx;
                     last = rev;

@@ -37,7 +37,7 @@ impl WatchHub {
         self.tx.subscribe()
     }
 
-    pub fn publish(&mut self, rev: u64, events: &[Arc<WatchEvent>]) {
+    pub fn publish(&mut self, events: &[Arc<WatchEvent>]) {
         for e in events {
             self.history.push_back(e.clone());
             let _ = self.tx.send(e.clone());
@@ -51,7 +51,6 @@ impl WatchHub {
         while self.history.front().is_some_and(|e| e.rev <= self.base) {
             self.history.pop_front();
         }
-        let _ = rev;
     }
 
     pub fn resume(&self, since: u64) -> Resume {

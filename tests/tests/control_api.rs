@@ -576,3 +576,54 @@ fn push_stream_resets_then_deltas_and_resumes_without_snapshot() {
         }
     });
 }
+
+#[test]
+fn watch_from_a_revision_older_than_the_history_is_expired() {
+    let dir = TempDir::new("watch-gone");
+    let cp = ControlProcess::start(&dir.0, &["--watch-history", "2"]).unwrap();
+    let api = cp.admin();
+    rt().block_on(async {
+        for i in 0..5 {
+            api.post(
+                SVCS,
+                svc(&format!("s{i}"), json!({"ports": [{"port": 80}]})),
+            )
+            .await
+            .unwrap();
+        }
+        let resp = api
+            .ep
+            .send(
+                Method::GET,
+                &format!("{SVCS}?watch=1&resourceVersion=2"),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut lines = weft_agent::client::LineReader::new(resp.into_body());
+        let ev = next_event(&mut lines).await;
+        assert_eq!(ev["type"], "ERROR");
+        assert_eq!(ev["object"]["code"], 410);
+        assert_eq!(ev["object"]["reason"], "Expired");
+        // a recent revision still resumes
+        let resp = api
+            .ep
+            .send(
+                Method::GET,
+                &format!("{SVCS}?watch=1&resourceVersion=5"),
+                None,
+            )
+            .await
+            .unwrap();
+        let mut lines = weft_agent::client::LineReader::new(resp.into_body());
+        let ev = next_event(&mut lines).await;
+        assert_eq!(
+            (
+                ev["type"].as_str().unwrap(),
+                ev["object"]["metadata"]["name"].as_str().unwrap()
+            ),
+            ("ADDED", "s4")
+        );
+    });
+}

@@ -164,6 +164,18 @@ pub fn summarize(v: &[f64]) -> Summary {
 }
 
 /// A machine description line for reports.
+/// The opening lines of a benchmark report: title, exact command line, and
+/// the machine with its load at the start and now.
+pub fn report_header(title: &str, load_start: &str) -> String {
+    let cmdline: Vec<String> = std::env::args().collect();
+    format!(
+        "#### {title}\n\nCommand: `{}`  \nMachine: {} (load average at start: {load_start}; at end: {})  \n",
+        cmdline.join(" "),
+        machine(),
+        loadavg()
+    )
+}
+
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())

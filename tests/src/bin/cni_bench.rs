@@ -362,16 +362,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // ---------------------------------------------------------------- report
-    let cmdline: Vec<String> = std::env::args().collect();
-    let mut r = String::new();
-    writeln!(r, "#### weft CNI benchmark\n")?;
-    writeln!(r, "Command: `{}`  ", cmdline.join(" "))?;
-    writeln!(
-        r,
-        "Machine: {} (load average at start: {load_start}; at end: {})  ",
-        benchnet::machine(),
-        benchnet::loadavg()
-    )?;
+    let mut r = benchnet::report_header("weft CNI benchmark", &load_start);
     writeln!(
         r,
         "Plugins: weft `{}`; reference `{}` + `host-local` ({})  ",

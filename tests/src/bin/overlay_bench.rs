@@ -288,20 +288,11 @@ fn main() -> anyhow::Result<()> {
     let vx_details = ip(&["-n", &n1, "-d", "link", "show", "weft.1"])?;
 
     // ---------------------------------------------------------------- report
-    let cmdline: Vec<String> = std::env::args().collect();
     let iperf_version = run("iperf3", &["--version"])
         .ok()
         .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
         .unwrap_or_default();
-    let mut r = String::new();
-    writeln!(r, "#### weft overlay throughput benchmark\n")?;
-    writeln!(r, "Command: `{}`  ", cmdline.join(" "))?;
-    writeln!(
-        r,
-        "Machine: {} (load average at start: {load_start}; at end: {})  ",
-        benchnet::machine(),
-        benchnet::loadavg()
-    )?;
+    let mut r = benchnet::report_header("weft overlay throughput benchmark", &load_start);
     writeln!(
         r,
         "Tool: {iperf_version}, one TCP stream, `-t {}`, receiver throughput; {} runs per variant, order rotated every round (sequence, Gbit/s: {})  ",

@@ -6,6 +6,7 @@ use crate::overlay::{Desired, BRIDGE};
 use ipnetwork::Ipv4Network;
 use std::io::Write;
 use std::path::Path;
+use weft_model::node_state::{Dns, NodeState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -30,26 +31,27 @@ pub struct DnsConfig {
     pub domain: String,
 }
 
-/// The node state file: the contract with the CNI plugin (docs/cni.md).
-pub fn node_state(want: &Desired, cluster: Ipv4Network, dns: &DnsConfig) -> serde_json::Value {
+/// The node state file for the CNI plugin (the shared contract type, docs/cni.md).
+pub fn node_state(want: &Desired, cluster: Ipv4Network, dns: &DnsConfig) -> NodeState {
     let d = dns.domain.trim_end_matches('.');
-    serde_json::json!({
-        "subnet": want.subnet.to_string(),
-        "gateway": want.gateway.ip().to_string(),
-        "mtu": want.mtu,
-        "bridge": BRIDGE,
-        "clusterCIDR": cluster.to_string(),
-        "dns": {
-            "nameservers": [dns.nameserver.to_string()],
-            "search": [format!("svc.{d}"), d.to_string()],
-            "options": ["ndots:5"],
+    NodeState {
+        subnet: want.subnet.to_string(),
+        gateway: want.gateway.ip().to_string(),
+        mtu: want.mtu,
+        bridge: BRIDGE.into(),
+        cluster_cidr: Some(cluster.to_string()),
+        dns: Dns {
+            nameservers: vec![dns.nameserver.to_string()],
+            domain: None,
+            search: vec![format!("svc.{d}"), d.to_string()],
+            options: vec!["ndots:5".into()],
         },
-    })
+    }
 }
 
 /// Write `value` to `path` atomically (temp file, fsync, rename); returns
 /// whether the content changed.
-pub fn write_atomic(path: &Path, value: &serde_json::Value) -> Result<bool, NodeError> {
+pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<bool, NodeError> {
     let io = |source| NodeError::Io {
         path: path.display().to_string(),
         source,
@@ -166,9 +168,9 @@ mod tests {
             domain: "cluster.local".into(),
         };
         let v = node_state(&want, "198.18.128.0/17".parse().unwrap(), &dns);
-        assert_eq!(v["gateway"], "198.18.128.1");
-        assert_eq!(v["mtu"], 1450);
-        assert_eq!(v["dns"]["search"][0], "svc.cluster.local");
+        assert_eq!(v.gateway, "198.18.128.1");
+        assert_eq!(v.mtu, 1450);
+        assert_eq!(v.dns.search[0], "svc.cluster.local");
         let dir = std::env::temp_dir().join(format!("weft-node-state-{}", std::process::id()));
         let path = dir.join("node.json");
         assert!(write_atomic(&path, &v).unwrap());
@@ -176,9 +178,14 @@ mod tests {
             !write_atomic(&path, &v).unwrap(),
             "unchanged content is not rewritten"
         );
-        let back: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let back: NodeState = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(back, v);
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            json["clusterCIDR"], "198.18.128.0/17",
+            "the field names of docs/cni.md"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

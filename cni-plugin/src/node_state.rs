@@ -7,53 +7,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
-use serde::{Deserialize, Serialize};
 
-/// DNS settings handed to the runtime in the result (`dns`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Dns {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nameservers: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub search: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub options: Vec<String>,
-}
-
-impl Dns {
-    pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty()
-            && self.domain.is_none()
-            && self.search.is_empty()
-            && self.options.is_empty()
-    }
-}
-
-/// `/run/weft/node.json`, e.g.
-/// `{"subnet":"198.18.128.0/24","gateway":"198.18.128.1","mtu":1450,"bridge":"weft0",
-///   "clusterCIDR":"198.18.128.0/17","dns":{"nameservers":["198.19.0.10"],...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeState {
-    /// This node's pod subnet; IPAM allocates from it.
-    pub subnet: String,
-    /// Address of the bridge inside `subnet`; the pods' default gateway.
-    pub gateway: String,
-    /// MTU for both veth ends (the overlay MTU).
-    pub mtu: u32,
-    /// The bridge the agent created; host-side veths are enslaved to it.
-    pub bridge: String,
-    /// The whole cluster pod CIDR (informational for the plugin).
-    #[serde(
-        rename = "clusterCIDR",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub cluster_cidr: Option<String>,
-    #[serde(default)]
-    pub dns: Dns,
-}
+pub use weft_model::node_state::{Dns, NodeState};
 
 /// A parsed, validated node state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,41 +32,39 @@ pub enum NodeStateError {
     Invalid { path: PathBuf, reason: String },
 }
 
-impl NodeState {
-    pub fn validate(&self) -> Result<Node, String> {
-        let subnet: Ipv4Network = self
-            .subnet
-            .parse()
-            .map_err(|e| format!("subnet {:?}: {e}", self.subnet))?;
-        if subnet.prefix() > 30 {
-            return Err(format!("subnet {subnet} is too small for pods"));
-        }
-        if subnet.network() != subnet.ip() {
-            return Err(format!("subnet {subnet} has host bits set"));
-        }
-        let gateway: Ipv4Addr = self
-            .gateway
-            .parse()
-            .map_err(|e| format!("gateway {:?}: {e}", self.gateway))?;
-        if !subnet.contains(gateway) || gateway == subnet.network() || gateway == subnet.broadcast()
-        {
-            return Err(format!(
-                "gateway {gateway} is not a host address of {subnet}"
-            ));
-        }
-        if !(576..=65535).contains(&self.mtu) {
-            return Err(format!("mtu {} is out of range 576..=65535", self.mtu));
-        }
-        crate::env::validate_ifname(&self.bridge)
-            .map_err(|why| format!("bridge {:?}: {why}", self.bridge))?;
-        Ok(Node {
-            subnet,
-            gateway,
-            mtu: self.mtu,
-            bridge: self.bridge.clone(),
-            dns: self.dns.clone(),
-        })
+/// Check a node state and parse its addresses.
+pub fn validate(state: &NodeState) -> Result<Node, String> {
+    let subnet: Ipv4Network = state
+        .subnet
+        .parse()
+        .map_err(|e| format!("subnet {:?}: {e}", state.subnet))?;
+    if subnet.prefix() > 30 {
+        return Err(format!("subnet {subnet} is too small for pods"));
     }
+    if subnet.network() != subnet.ip() {
+        return Err(format!("subnet {subnet} has host bits set"));
+    }
+    let gateway: Ipv4Addr = state
+        .gateway
+        .parse()
+        .map_err(|e| format!("gateway {:?}: {e}", state.gateway))?;
+    if !subnet.contains(gateway) || gateway == subnet.network() || gateway == subnet.broadcast() {
+        return Err(format!(
+            "gateway {gateway} is not a host address of {subnet}"
+        ));
+    }
+    if !(576..=65535).contains(&state.mtu) {
+        return Err(format!("mtu {} is out of range 576..=65535", state.mtu));
+    }
+    crate::env::validate_ifname(&state.bridge)
+        .map_err(|why| format!("bridge {:?}: {why}", state.bridge))?;
+    Ok(Node {
+        subnet,
+        gateway,
+        mtu: state.mtu,
+        bridge: state.bridge.clone(),
+        dns: state.dns.clone(),
+    })
 }
 
 pub fn load(path: &Path) -> Result<Node, NodeStateError> {
@@ -123,7 +76,7 @@ pub fn load(path: &Path) -> Result<Node, NodeStateError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    state.validate().map_err(|reason| NodeStateError::Invalid {
+    validate(&state).map_err(|reason| NodeStateError::Invalid {
         path: path.to_path_buf(),
         reason,
     })
@@ -138,7 +91,7 @@ mod tests {
     #[test]
     fn the_documented_example_parses() {
         let s: NodeState = serde_json::from_str(EXAMPLE).unwrap();
-        let n = s.validate().unwrap();
+        let n = validate(&s).unwrap();
         assert_eq!(n.subnet.to_string(), "198.18.128.0/24");
         assert_eq!(n.gateway, Ipv4Addr::new(198, 18, 128, 1));
         assert_eq!(n.dns.options, vec!["ndots:5"]);
@@ -149,16 +102,16 @@ mod tests {
         let base: NodeState = serde_json::from_str(EXAMPLE).unwrap();
         let mut s = base.clone();
         s.gateway = "198.18.129.1".into();
-        assert!(s.validate().unwrap_err().contains("gateway"));
+        assert!(validate(&s).unwrap_err().contains("gateway"));
         let mut s = base.clone();
         s.subnet = "198.18.128.7/24".into();
-        assert!(s.validate().unwrap_err().contains("host bits"));
+        assert!(validate(&s).unwrap_err().contains("host bits"));
         let mut s = base.clone();
         s.mtu = 10;
-        assert!(s.validate().unwrap_err().contains("mtu"));
+        assert!(validate(&s).unwrap_err().contains("mtu"));
         let mut s = base;
         s.bridge = "a/b".into();
-        assert!(s.validate().unwrap_err().contains("bridge"));
+        assert!(validate(&s).unwrap_err().contains("bridge"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! view and the wire frames of the push stream. Pure: no I/O.
 
 pub mod manifest;
+pub mod node_state;
 pub mod objects;
 pub mod selector;
 pub mod validate;

@@ -209,25 +209,17 @@ pub fn claims(dir: &Path) -> Vec<PodReport> {
         let Ok(text) = std::fs::read_to_string(e.path()) else {
             continue;
         };
-        let mut lines = text.lines();
-        let (Some(cid), Some(ifname)) = (lines.next(), lines.next()) else {
+        let Some(claim) = weft_model::node_state::Claim::decode(&text) else {
             continue;
         };
-        let mut r = PodReport {
+        let r = PodReport {
             op: "add".into(),
-            container_id: cid.to_string(),
-            ifname: ifname.to_string(),
+            container_id: claim.container_id,
+            ifname: claim.ifname,
             ip: name,
-            pod_namespace: String::new(),
-            pod_name: String::new(),
+            pod_namespace: claim.pod.namespace.unwrap_or_default(),
+            pod_name: claim.pod.name.unwrap_or_default(),
         };
-        for l in lines {
-            match l.split_once('=') {
-                Some(("podNamespace", v)) => r.pod_namespace = v.to_string(),
-                Some(("podName", v)) => r.pod_name = v.to_string(),
-                _ => {}
-            }
-        }
         if !r.pod_name.is_empty() {
             out.push(r);
         }

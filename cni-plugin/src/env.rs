@@ -56,13 +56,7 @@ impl fmt::Display for Command {
     }
 }
 
-/// Kubernetes pod identity from `CNI_ARGS` (`K8S_POD_*`), when the runtime sends it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodRef {
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-    pub uid: Option<String>,
-}
+pub use weft_model::node_state::PodRef;
 
 /// A validated invocation environment.
 #[derive(Debug, Clone, PartialEq, Eq)]

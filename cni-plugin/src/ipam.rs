@@ -29,70 +29,12 @@ use std::path::{Path, PathBuf};
 use ipnetwork::Ipv4Network;
 
 use crate::config::Attachment;
-use crate::env::PodRef;
 
 const LOCK_FILE: &str = "lock";
 const CURSOR_FILE: &str = "last_reserved";
 const TMP_PREFIX: &str = ".tmp-";
 
-/// Who holds an address.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Claim {
-    pub container_id: String,
-    pub ifname: String,
-    pub netns: Option<String>,
-    pub pod: PodRef,
-}
-
-impl Claim {
-    pub fn matches(&self, container_id: &str, ifname: &str) -> bool {
-        self.container_id == container_id && self.ifname == ifname
-    }
-
-    fn encode(&self) -> String {
-        let mut s = format!("{}\n{}\n", self.container_id, self.ifname);
-        let mut kv = |k: &str, v: &Option<String>| {
-            if let Some(v) = v {
-                // Values come from the runtime; a newline would forge a key.
-                let v: String = v.chars().filter(|c| *c != '\n' && *c != '\r').collect();
-                s.push_str(&format!("{k}={v}\n"));
-            }
-        };
-        kv("netns", &self.netns);
-        kv("podNamespace", &self.pod.namespace);
-        kv("podName", &self.pod.name);
-        kv("podUID", &self.pod.uid);
-        s
-    }
-
-    pub fn decode(text: &str) -> Option<Claim> {
-        let mut lines = text.lines();
-        let container_id = lines.next()?.to_string();
-        let ifname = lines.next()?.to_string();
-        if container_id.is_empty() || ifname.is_empty() {
-            return None;
-        }
-        let mut claim = Claim {
-            container_id,
-            ifname,
-            ..Claim::default()
-        };
-        for line in lines {
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let v = Some(v.to_string());
-            match k {
-                "netns" => claim.netns = v,
-                "podNamespace" => claim.pod.namespace = v,
-                "podName" => claim.pod.name = v,
-                "podUID" => claim.pod.uid = v,
-                _ => {}
-            }
-        }
-        Some(claim)
-    }
-}
+pub use weft_model::node_state::Claim;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -393,6 +335,7 @@ impl Drop for Allocation<'_> {
 mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
+    use weft_model::node_state::PodRef;
 
     fn subnet() -> Ipv4Network {
         "198.18.128.0/24".parse().unwrap()

@@ -1,7 +1,9 @@
-//! The node state file: the contract between the agent, which writes it
-//! (atomically) when it learns the node's subnet, and the CNI plugin, which
-//! only reads it, so pods can be wired while the agent is away
-//! (docs/cni.md). One type on both sides keeps them from drifting.
+//! The contracts between the agent and the CNI plugin (docs/cni.md), one
+//! type on both sides so they cannot drift: the node state file, which the
+//! agent writes (atomically) when it learns the node's subnet and the plugin
+//! only reads, so pods can be wired while the agent is away; and the IPAM
+//! claim files, which the plugin writes and the agent reads to learn about
+//! pods wired while it was away.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,4 +51,73 @@ pub struct NodeState {
     pub cluster_cidr: Option<String>,
     #[serde(default)]
     pub dns: Dns,
+}
+
+/// Kubernetes pod identity from `CNI_ARGS` (`K8S_POD_*`), when the runtime sends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: Option<String>,
+}
+
+/// Who holds an address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: Option<String>,
+    pub pod: PodRef,
+}
+
+impl Claim {
+    pub fn matches(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+
+    /// The claim file's content.
+    pub fn encode(&self) -> String {
+        let mut s = format!("{}\n{}\n", self.container_id, self.ifname);
+        let mut kv = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                // Values come from the runtime; a newline would forge a key.
+                let v: String = v.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+                s.push_str(&format!("{k}={v}\n"));
+            }
+        };
+        kv("netns", &self.netns);
+        kv("podNamespace", &self.pod.namespace);
+        kv("podName", &self.pod.name);
+        kv("podUID", &self.pod.uid);
+        s
+    }
+
+    /// A claim file's content; `None` when it lacks the first two lines.
+    pub fn decode(text: &str) -> Option<Claim> {
+        let mut lines = text.lines();
+        let container_id = lines.next()?.to_string();
+        let ifname = lines.next()?.to_string();
+        if container_id.is_empty() || ifname.is_empty() {
+            return None;
+        }
+        let mut claim = Claim {
+            container_id,
+            ifname,
+            ..Claim::default()
+        };
+        for line in lines {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let v = Some(v.to_string());
+            match k {
+                "netns" => claim.netns = v,
+                "podNamespace" => claim.pod.namespace = v,
+                "podName" => claim.pod.name = v,
+                "podUID" => claim.pod.uid = v,
+                _ => {}
+            }
+        }
+        Some(claim)
+    }
 }

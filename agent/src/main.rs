@@ -143,6 +143,9 @@ struct NodeLoop {
     dns: node::DnsConfig,
     state_path: PathBuf,
     last_error: Option<String>,
+    /// The nodes of the view last reconciled: the overlay depends on nothing
+    /// else, so a view change that leaves them alone (a Service) costs nothing.
+    last_nodes: Option<std::collections::BTreeMap<String, weft_model::NodeEntry>>,
 }
 
 impl NodeLoop {
@@ -172,6 +175,7 @@ impl NodeLoop {
             },
             state_path: args.node_state.clone(),
             last_error: None,
+            last_nodes: None,
         })
     }
 
@@ -209,12 +213,15 @@ impl NodeLoop {
         }
     }
 
-    async fn sync(&mut self, view: &weft_agent::sync::SharedView) {
+    /// Reconcile the node. `force` (the resync timer) checks the kernel even
+    /// when the nodes did not change, which is what repairs outside damage.
+    async fn sync(&mut self, view: &weft_agent::sync::SharedView, force: bool) {
         let planned = {
             let v = view.read().unwrap_or_else(|p| p.into_inner());
-            if !v.synced {
+            if !v.synced || (!force && self.last_nodes.as_ref() == Some(&v.nodes)) {
                 return;
             }
+            self.last_nodes = Some(v.nodes.clone());
             overlay::plan(&v, &self.cfg)
         };
         let (want, skipped) = match planned {
@@ -345,6 +352,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args).await?) };
         let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
         loop {
+            let mut force = false;
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() { break; }
@@ -353,7 +361,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     let subnet = v.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
                     tracing::info!(rev = v.rev, services = v.services.len(), nodes = v.nodes.len(), subnet, "view updated");
                 }
-                _ = resync.tick() => {}
+                _ = resync.tick() => force = true,
                 Some(q) = queries.recv() => {
                     let answer = match (q.what.as_str(), node.as_ref()) {
                         ("overlay", Some(n)) => n.describe(&view).await,
@@ -375,7 +383,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
             }
             if let Some(n) = node.as_mut() {
-                n.sync(&view).await;
+                n.sync(&view, force).await;
             }
         }
         Ok(())

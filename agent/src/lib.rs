@@ -7,6 +7,7 @@
 pub mod client;
 pub mod dataplane;
 pub mod ebpf;
+pub mod health;
 pub mod local_api;
 pub mod node;
 pub mod overlay;

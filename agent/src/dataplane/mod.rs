@@ -6,9 +6,12 @@
 
 #[doc(hidden)]
 pub mod fixtures;
+pub mod hostports;
 pub mod iptables;
 pub mod plan;
 pub mod report;
+#[cfg(test)]
+mod sim;
 pub mod tracer;
 
 /// A service dataplane: programs the kernel to match a plan. `apply` takes

@@ -1,0 +1,1 @@
+//! CNI `portMappings` (hostPort): DNAT rules that match only local destinations.

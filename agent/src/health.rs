@@ -1,0 +1,2 @@
+//! Agent health (`/healthz`, `/livez`), Prometheus metrics (`/metrics`) and
+//! the per-Service `healthCheckNodePort` servers.

@@ -182,6 +182,8 @@ fn event(op: &'static str, env: &CniEnv, ip: Option<String>) -> PodEvent {
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<serde_json::Value> {
+    // Before anything is allocated or created: bad input changes nothing.
+    let port_mappings = conf.port_mappings()?;
     let netns_path = env.netns.as_deref().unwrap_or_default();
     let node = load_node(conf).map_err(|e| CniError::TryAgainLater {
         what: e.to_string(),
@@ -208,6 +210,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<serde_json::Value> {
         ifname: env.ifname.clone(),
         netns: env.netns.clone(),
         pod: env.pod.clone(),
+        port_mappings,
     };
     // Dropped without commit on any error below: the address goes back.
     let alloc = ipam
@@ -315,7 +318,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<serde_json::Value> {
         dns,
     };
     tracing::info!(container = %env.container_id, ifname = %env.ifname, %ip,
-        host_if = %host_name, "pod attached");
+        host_if = %host_name, host_ports = claim.port_mappings.len(), "pod attached");
     agent::notify(
         &conf.agent_socket,
         &event("add", env, Some(address.to_string())),
@@ -365,6 +368,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             source,
         })?;
     let mismatch = |what: String| CniError::CheckMismatch { what };
+    let mut want_ports = conf.port_mappings()?;
     let want = prev
         .container_ip(&env.ifname)
         .ok_or_else(|| mismatch(format!("prevResult has no IPv4 address for {}", env.ifname)))?;
@@ -377,17 +381,36 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
 
     let ipam = Ipam::open_existing(&conf.ipam_dir, conf.ipam_fsync)
         .ok_or_else(|| mismatch(format!("no IPAM store at {}", conf.ipam_dir.display())))?;
-    match ipam
-        .find(&env.container_id, &env.ifname)
+    let claim = match ipam
+        .find_entry(&env.container_id, &env.ifname)
         .map_err(ipam_err)?
     {
-        Some(ip) if ip == want.ip() => {}
-        Some(ip) => {
+        Some(e) if e.ip == want.ip() => e.claim.unwrap_or_default(),
+        Some(e) => {
             return Err(mismatch(format!(
-                "IPAM holds {ip} for this attachment but prevResult says {want}"
+                "IPAM holds {} for this attachment but prevResult says {want}",
+                e.ip
             )))
         }
         None => return Err(mismatch(format!("no IPAM claim for {want}"))),
+    };
+    // The agent programs hostPorts from the claim: it must hold what the
+    // runtime asked for.
+    let mut have_ports = claim.port_mappings;
+    have_ports.sort();
+    want_ports.sort();
+    if have_ports != want_ports {
+        let list = |v: &[weft_model::node_state::PortMapping]| {
+            v.iter()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(mismatch(format!(
+            "the IPAM claim records hostPorts [{}] but runtimeConfig.portMappings has [{}]",
+            list(&have_ports),
+            list(&want_ports)
+        )));
     }
 
     let host_name = host_ifname(&env.container_id, &env.ifname);
@@ -616,6 +639,41 @@ mod tests {
         assert_eq!(code, 1);
         assert_eq!(v["code"], 11);
         assert!(!dir.path().join("n").exists());
+    }
+
+    #[test]
+    fn add_with_a_bad_port_mapping_is_refused_before_anything_happens() {
+        let dir = tempfile::tempdir().unwrap();
+        // A valid node state, so only the mapping can be what fails.
+        std::fs::write(
+            dir.path().join("node.json"),
+            r#"{"subnet":"198.18.128.0/24","gateway":"198.18.128.1","mtu":1450,"bridge":"weft0"}"#,
+        )
+        .unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","nodeStatePath":"{0}/node.json","ipamDir":"{0}",
+                "runtimeConfig":{{"portMappings":[
+                    {{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":""}},
+                    {{"hostPort":70000,"containerPort":80,"protocol":"tcp","hostIP":""}}]}}}}"#,
+            dir.path().display()
+        );
+        let (code, v) = invoke(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/run/netns/none"),
+            ],
+            &conf,
+        );
+        assert_eq!(code, 1);
+        assert_eq!(v["code"], 7, "{v}");
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.contains("runtimeConfig.portMappings[1].hostPort=\"70000\": is not a valid port"),
+            "{msg}"
+        );
+        assert!(!dir.path().join("n").exists(), "IPAM was touched");
     }
 
     #[test]

@@ -85,6 +85,8 @@ struct RawConf {
     #[serde(rename = "cni.dev/attachments")]
     legacy_attachments: Option<Vec<Attachment>>,
     dns: Option<crate::node_state::Dns>,
+    #[serde(rename = "runtimeConfig")]
+    runtime_config: Option<serde_json::Value>,
 }
 
 /// A validated network configuration.
@@ -104,6 +106,10 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
     /// `dns` from the config, used when the node state has none.
     pub dns: Option<crate::node_state::Dns>,
+    /// `runtimeConfig` as given: the capabilities' arguments are validated
+    /// by the verbs that use them ([`NetConf::port_mappings`]), so a bad
+    /// `portMappings` fails ADD but never DEL, which must always clean up.
+    pub runtime_config: Option<serde_json::Value>,
 }
 
 /// Best effort: the `cniVersion` to stamp on an error, even for bad input.
@@ -184,7 +190,14 @@ impl NetConf {
             prev_result: raw.prev_result,
             valid_attachments,
             dns: raw.dns,
+            runtime_config: raw.runtime_config,
         })
+    }
+
+    /// The validated `runtimeConfig.portMappings` (hostPorts); code 7 naming
+    /// the entry, field and value when one is invalid.
+    pub fn port_mappings(&self) -> Result<Vec<weft_model::node_state::PortMapping>> {
+        crate::portmap::parse(self.runtime_config.as_ref())
     }
 }
 
@@ -262,6 +275,22 @@ mod tests {
         let v = c.valid_attachments.unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[1].container_id, "b");
+    }
+
+    #[test]
+    fn runtime_config_is_kept_and_validated_on_demand() {
+        let c = conf(
+            r#"{"cniVersion":"1.1.0","name":"n",
+                "runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80}]}}"#,
+        )
+        .unwrap();
+        let e = c.port_mappings().unwrap_err();
+        assert_eq!(e.code(), 7);
+        assert!(e
+            .to_string()
+            .contains("runtimeConfig.portMappings[0].hostPort"));
+        let c = conf(r#"{"cniVersion":"1.1.0","name":"n"}"#).unwrap();
+        assert!(c.port_mappings().unwrap().is_empty());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! Layout of `<ipamDir>/<network>/`:
 //! - `lock` — held (`LOCK_EX`) for every allocate/release/scan-and-free;
 //! - `<ip>` (e.g. `198.18.128.5`) — a claim: `containerID\nifname\n` then
-//!   optional `key=value` lines (`netns`, `podNamespace`, `podName`, `podUID`)
-//!   so the agent can learn pods it missed by reading the directory;
+//!   optional `key=value` lines (`netns`, `podNamespace`, `podName`, `podUID`,
+//!   one `portMapping` per hostPort) so the agent can learn pods it missed,
+//!   and program their hostPorts, by reading the directory;
 //! - `last_reserved` — the last address handed out, so allocation rotates
 //!   through the subnet instead of reusing a just-freed address at once.
 //!
@@ -158,20 +159,22 @@ impl Ipam {
 
     /// The address claimed by an attachment, if any.
     pub fn find(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
-        Ok(self
-            .entries()?
-            .into_iter()
-            .find(|e| {
-                e.claim
-                    .as_ref()
-                    .is_some_and(|c| c.matches(container_id, ifname))
-            })
-            .map(|e| e.ip))
+        Ok(self.find_entry(container_id, ifname)?.map(|e| e.ip))
+    }
+
+    /// The claim of an attachment, if any.
+    pub fn find_entry(&self, container_id: &str, ifname: &str) -> Result<Option<Entry>, IpamError> {
+        Ok(self.entries()?.into_iter().find(|e| {
+            e.claim
+                .as_ref()
+                .is_some_and(|c| c.matches(container_id, ifname))
+        }))
     }
 
     /// Claim an address of `subnet` (never its network, broadcast or
     /// `gateway` address) for `claim`. An attachment that already holds an
-    /// address gets it back. The returned guard releases the address when
+    /// address gets it back, with its claim rewritten if `claim` says
+    /// something new (a repeated ADD with other hostPorts). The returned guard releases the address when
     /// dropped unless [`Allocation::commit`] is called, so an ADD failing
     /// midway gives it back.
     pub fn allocate(
@@ -187,6 +190,10 @@ impl Ipam {
                 .as_ref()
                 .is_some_and(|c| c.matches(&claim.container_id, &claim.ifname))
         }) {
+            if e.claim.as_ref() != Some(claim) {
+                self.replace_claim(e.ip, &claim.encode())
+                    .map_err(self.err("rewrite claim"))?;
+            }
             return Ok(Allocation::new(self, e.ip, claim));
         }
         let mut used: HashSet<Ipv4Addr> = entries.into_iter().map(|e| e.ip).collect();
@@ -236,6 +243,26 @@ impl Ipam {
         let linked = fs::hard_link(&tmp, self.dir.join(ip.to_string()));
         let _ = fs::remove_file(&tmp);
         linked?;
+        self.sync_dir()
+    }
+
+    /// Atomically replace an existing claim (the caller holds the lock).
+    fn replace_claim(&self, ip: Ipv4Addr, body: &str) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{ip}"));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        f.write_all(body.as_bytes())?;
+        if self.durable {
+            f.sync_data()?;
+        }
+        drop(f);
+        if let Err(e) = fs::rename(&tmp, self.dir.join(ip.to_string())) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.sync_dir()
     }
 
@@ -352,6 +379,7 @@ mod tests {
                 name: Some(format!("pod-{id}")),
                 uid: None,
             },
+            port_mappings: Vec::new(),
         }
     }
 
@@ -363,6 +391,45 @@ mod tests {
         let d = Claim::decode(&c.encode()).unwrap();
         assert_eq!(d.netns.as_deref(), Some("/run/netns/abc"));
         assert!(Claim::decode("only-one-line\n").is_none());
+    }
+
+    #[test]
+    fn port_mappings_are_stored_with_the_claim_and_updated_by_a_repeated_add() {
+        use weft_model::node_state::PortMapping;
+        use weft_model::view::Protocol;
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(dir.path(), false).unwrap();
+        let mut c = claim("hp");
+        c.port_mappings = vec![PortMapping {
+            protocol: Protocol::TCP,
+            host_port: 8080,
+            container_port: 80,
+            host_ip: None,
+        }];
+        let ip = ipam.allocate(subnet(), GW, &c).unwrap().commit();
+        let text = fs::read_to_string(dir.path().join(ip.to_string())).unwrap();
+        assert!(text.ends_with("portMapping=tcp/8080/80\n"), "{text}");
+        let e = ipam.find_entry("hp", "eth0").unwrap().unwrap();
+        assert_eq!((e.ip, e.claim.as_ref()), (ip, Some(&c)));
+        // The same attachment again, now with another mapping: same address,
+        // claim rewritten, no temp file left.
+        c.port_mappings[0].host_port = 8081;
+        assert_eq!(ipam.allocate(subnet(), GW, &c).unwrap().commit(), ip);
+        assert_eq!(
+            ipam.find_entry("hp", "eth0").unwrap().unwrap().claim,
+            Some(c)
+        );
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(TMP_PREFIX)),
+            "{names:?}"
+        );
+        // DEL frees the claim, mappings and all.
+        assert_eq!(ipam.release("hp", "eth0").unwrap(), vec![ip]);
+        assert!(ipam.find_entry("hp", "eth0").unwrap().is_none());
     }
 
     #[test]

@@ -143,6 +143,10 @@ impl Harness {
     }
 
     fn add(&self, cid: &str, pod: &str, version: &str) -> (i32, Value) {
+        self.add_with(cid, pod, &self.conf(version))
+    }
+
+    fn add_with(&self, cid: &str, pod: &str, conf: &Value) -> (i32, Value) {
         let netns = format!("/run/netns/{pod}");
         self.plugin(
             &[
@@ -156,7 +160,7 @@ impl Harness {
                     &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{cid};K8S_POD_UID=uid-{cid}"),
                 ),
             ],
-            &self.conf(version),
+            conf,
         )
     }
 
@@ -174,7 +178,10 @@ impl Harness {
     }
 
     fn check(&self, cid: &str, pod: &str, prev: &Value) -> (i32, Value) {
-        let mut conf = self.conf("1.1.0");
+        self.check_with(cid, pod, prev, self.conf("1.1.0"))
+    }
+
+    fn check_with(&self, cid: &str, pod: &str, prev: &Value, mut conf: Value) -> (i32, Value) {
         conf["prevResult"] = prev.clone();
         self.plugin(
             &[
@@ -577,4 +584,78 @@ fn concurrent_adds_get_distinct_addresses() {
         })
         .count();
     assert_eq!(left, 0);
+}
+
+/// The file names of the claims in the IPAM directory.
+fn claim_files(h: &Harness) -> Vec<String> {
+    match fs::read_dir(h.ipam_dir()) {
+        Ok(dir) => dir
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn host_ports_are_recorded_in_the_claim() {
+    let Some(mut h) = Harness::new("hostport") else {
+        return;
+    };
+    let pod = h.pod_ns(1);
+    let with_ports = |ports: Value| {
+        let mut conf = h.conf("1.1.0");
+        conf["runtimeConfig"] = json!({ "portMappings": ports });
+        conf
+    };
+
+    // An invalid entry: code 7 naming it, and nothing allocated or created.
+    let bad = with_ports(json!([
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+        {"hostPort": 70000, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
+    ]));
+    let (code, out) = h.add_with("hp", &pod, &bad);
+    assert_eq!((code, out["code"].clone()), (1, json!(7)), "{out}");
+    assert!(
+        out["msg"]
+            .as_str()
+            .unwrap()
+            .contains("runtimeConfig.portMappings[1].hostPort"),
+        "{out}"
+    );
+    assert!(claim_files(&h).is_empty());
+    assert!(!h.node_has_link(&host_ifname("hp", "eth0")));
+    // The runtime's DEL after that failed ADD carries the same config: it succeeds.
+    let (code, out) = h.del("hp", &format!("/run/netns/{pod}"), &bad);
+    assert_eq!(code, 0, "{out}");
+
+    // podman's shape and containerd's capitalised keys, in one list.
+    let good = with_ports(json!([
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+        {"HostPort": 5353, "ContainerPort": 53, "Protocol": "udp", "HostIP": "198.18.0.11"}
+    ]));
+    let (code, res) = h.add_with("hp", &pod, &good);
+    assert_eq!(code, 0, "{res}");
+    let ip_addr = pod_ip(&res);
+    let claim = fs::read_to_string(h.ipam_dir().join(ip_addr.to_string())).unwrap();
+    assert!(
+        claim.ends_with("portMapping=tcp/8080/80\nportMapping=udp/5353/53/198.18.0.11\n"),
+        "{claim}"
+    );
+
+    // CHECK with the same mappings (any order) passes; with others it fails.
+    let reordered = with_ports(json!([
+        {"hostPort": 5353, "containerPort": 53, "protocol": "UDP", "hostIP": "198.18.0.11"},
+        {"hostPort": 8080, "containerPort": 80}
+    ]));
+    let (code, out) = h.check_with("hp", &pod, &res, reordered);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = h.check_with("hp", &pod, &res, h.conf("1.1.0"));
+    assert_eq!((code, out["code"].clone()), (1, json!(102)), "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("hostPorts"), "{out}");
+
+    // DEL frees the claim and its mappings with it.
+    let (code, out) = h.del("hp", &format!("/run/netns/{pod}"), &good);
+    assert_eq!(code, 0, "{out}");
+    assert!(claim_files(&h).is_empty());
 }

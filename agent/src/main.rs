@@ -68,6 +68,27 @@ struct Args {
     /// Do not program the overlay (follow the stream only).
     #[arg(long, env = "WEFT_NO_OVERLAY")]
     no_overlay: bool,
+    /// The service dataplane: iptables, or none (Services are not programmed).
+    #[arg(long, env = "WEFT_DATAPLANE", default_value = "iptables", value_parser = ["iptables", "none"])]
+    dataplane: String,
+    /// iptables implementation: auto follows the host (the one holding more rules), or nft / legacy.
+    #[arg(long, env = "WEFT_IPTABLES_MODE", default_value = "auto", value_parser = ["auto", "nft", "legacy"])]
+    iptables_mode: String,
+    /// Check the kernel for outside changes to our rules this often.
+    #[arg(long, env = "WEFT_CHECK_SECONDS", default_value_t = 5)]
+    check_seconds: u64,
+    /// Rewrite every rule this often, even without changes.
+    #[arg(long, env = "WEFT_FULL_RESYNC_SECONDS", default_value_t = 3600)]
+    full_resync_seconds: u64,
+    /// Also answer NodePorts on 127.0.0.1 (only the NodePort rules change; route_localnet is never set).
+    #[arg(long, env = "WEFT_LOCALHOST_NODEPORTS")]
+    localhost_node_ports: bool,
+    /// Address of /healthz, /livez and /metrics.
+    #[arg(long, env = "WEFT_HEALTH_LISTEN", default_value = "0.0.0.0:10256")]
+    health_listen: std::net::SocketAddr,
+    /// /healthz answers 503 once an update has waited longer than this.
+    #[arg(long, env = "WEFT_HEALTHZ_TIMEOUT_SECONDS", default_value_t = 30)]
+    healthz_timeout_seconds: u64,
 }
 
 fn main() {
@@ -312,10 +333,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         });
         let rep_ep = ep.clone();
+        let dataplane_poke = Arc::new(tokio::sync::Notify::new());
+        let poke = dataplane_poke.clone();
         tokio::spawn(async move {
             while let Some(r) = reports.recv().await {
                 let mut delay = std::time::Duration::from_millis(100);
                 for attempt in 1..=5 {
+                    // A pod came or went: its hostPorts (in the plugin's claims) may have too.
+                    if attempt == 1 {
+                        poke.notify_one();
+                    }
                     match weft_agent::local_api::report(&rep_ep, &r).await {
                         Ok(outcome) => {
                             let pod = format!("{}/{}", r.pod_namespace, r.pod_name);
@@ -345,10 +372,40 @@ fn run(args: Args) -> anyhow::Result<()> {
         let plan_cfg = weft_agent::dataplane::plan::PlanConfig {
             node: args.node_name.clone(),
             node_addresses: vec![IpAddr::V4(args.node_ip)],
-            localhost_node_ports: false,
+            localhost_node_ports: args.localhost_node_ports,
             external_ip_allow: args.external_ip_allow.clone(),
             cluster_cidr: args.cluster_cidr.into(),
         };
+        let health = Arc::new(weft_agent::health::Health::new(
+            std::time::Duration::from_secs(args.healthz_timeout_seconds.max(1)),
+        ));
+        let metrics = Arc::new(weft_agent::health::Metrics::default());
+        let listener = tokio::net::TcpListener::bind(args.health_listen)
+            .await
+            .with_context(|| format!("binding --health-listen {}", args.health_listen))?;
+        tokio::spawn(weft_agent::health::serve(listener, health.clone(), metrics.clone()));
+        if args.dataplane == "iptables" {
+            let mode = match args.iptables_mode.as_str() {
+                "auto" => weft_agent::dataplane::netfilter::Mode::detect(),
+                m => m.parse().map_err(anyhow::Error::msg)?,
+            };
+            tracing::info!(mode = mode.as_str(), "iptables service dataplane");
+            let dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
+            let cfg = weft_agent::dataplane::driver::DriverConfig {
+                plan: plan_cfg.clone(),
+                ipam_dir: args.ipam_dir.clone(),
+                check_every: std::time::Duration::from_secs(args.check_seconds.max(1)),
+                full_every: std::time::Duration::from_secs(args.full_resync_seconds.max(60)),
+            };
+            let shared = weft_agent::dataplane::driver::Shared {
+                view: view.clone(),
+                changes: rx.clone(),
+                poke: dataplane_poke.clone(),
+                health: health.clone(),
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(weft_agent::dataplane::driver::run(dp, cfg, shared));
+        }
         let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args).await?) };
         let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
         loop {
@@ -372,7 +429,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                             if q.what == "services" {
                                 weft_agent::dataplane::report::services(&v, &plan)
                             } else {
-                                weft_agent::dataplane::report::trace_request(&q.request, &plan, &plan_cfg)
+                                let hostports = weft_agent::dataplane::hostports::read(&args.ipam_dir);
+                                weft_agent::dataplane::report::trace_request(&q.request, &plan, &plan_cfg, &hostports.ports)
                             }
                         }
                         (other, _) => serde_json::json!({"error": format!("unknown query {other:?}")}),

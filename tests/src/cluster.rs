@@ -139,6 +139,76 @@ pub fn http_get(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<Vec<
     Ok(body)
 }
 
+/// What a TCP connect from inside a namespace ran into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connect {
+    Connected,
+    /// Refused at once (a TCP reset or an ICMP port unreachable: a REJECT).
+    Refused,
+    /// No answer within the timeout (a DROP).
+    TimedOut,
+    Failed(String),
+}
+
+/// Try one TCP connection to `addr` from inside `netns`.
+pub fn try_connect(netns: &str, addr: SocketAddr, timeout: Duration) -> Connect {
+    match in_netns(netns, || TcpStream::connect_timeout(&addr, timeout)) {
+        Ok(Ok(_)) => Connect::Connected,
+        Ok(Err(e)) => match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Connect::Refused,
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Connect::TimedOut,
+            _ => Connect::Failed(e.to_string()),
+        },
+        Err(e) => Connect::Failed(format!("{e:#}")),
+    }
+}
+
+/// `GET path` from inside `netns`: the status code and the body, whatever the code.
+pub fn http_status(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
+    let addr = SocketAddr::from((ip, port));
+    let mut s = connect_from(netns, addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} from {addr}: not HTTP: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Poll `f` every 200 ms until it returns Ok or `timeout` passes (then its last error).
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: not within {}s", timeout.as_secs())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Print `skipped: why` and return true when the cluster tests cannot run here.
+pub fn skip() -> bool {
+    if let Some(why) = skip_reason() {
+        println!("skipped: {why}");
+        return true;
+    }
+    false
+}
+
 /// `GET path` as text.
 pub fn http_text(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&http_get(netns, ip, port, path)?).into_owned())
@@ -365,8 +435,9 @@ pub struct Cluster {
     rt: tokio::runtime::Runtime,
     /// Namespaces we created, deleted in reverse order.
     namespaces: Vec<String>,
-    /// Workloads (pods, external host), killed on drop.
+    /// Workloads (the external host; pods' under their container id), killed on drop.
     workloads: Vec<Child>,
+    pod_workloads: std::collections::BTreeMap<String, Child>,
     pod_counter: usize,
     known_namespaces: Vec<String>,
     started: Instant,
@@ -400,6 +471,7 @@ impl Cluster {
             rt,
             namespaces: Vec::new(),
             workloads: Vec::new(),
+            pod_workloads: std::collections::BTreeMap::new(),
             pod_counter: 0,
             known_namespaces: Vec::new(),
             started: Instant::now(),
@@ -463,12 +535,19 @@ impl Cluster {
         let ext = self.ns("ext");
         ip(&["-n", &ext, "route", "add", UNDERLAY_NET, "dev", "eth0"])?;
         for i in 1..=n {
+            let node = self.ns(&format!("n{i}"));
+            ip(&["-n", &node, "route", "add", EXTERNAL_NET, "dev", "eth0"])?;
+            // Like any real node, a default route (here via the external
+            // host): a node's own connections to cluster IPs need a route
+            // before the service rules translate them.
             ip(&[
                 "-n",
-                &self.ns(&format!("n{i}")),
+                &node,
                 "route",
                 "add",
-                EXTERNAL_NET,
+                "default",
+                "via",
+                EXTERNAL_IP,
                 "dev",
                 "eth0",
             ])?;
@@ -706,6 +785,24 @@ impl Cluster {
     pub fn post(&self, path: &str, body: Value) -> Result<Value> {
         self.call(hyper::Method::POST, path, Some(body))
     }
+    /// Admin PUT.
+    pub fn put(&self, path: &str, body: Value) -> Result<Value> {
+        self.call(hyper::Method::PUT, path, Some(body))
+    }
+    /// GET, change, PUT (retried on a conflict).
+    pub fn update(&self, path: &str, mut change: impl FnMut(&mut Value)) -> Result<Value> {
+        let mut last = None;
+        for _ in 0..5 {
+            let mut obj = self.get(path)?;
+            change(&mut obj);
+            match self.put(path, obj) {
+                Ok(v) => return Ok(v),
+                Err(e) if format!("{e:#}").contains("HTTP 409") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("PUT {path}: conflicts")))
+    }
     /// Admin DELETE.
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.call(hyper::Method::DELETE, path, None)
@@ -740,6 +837,19 @@ impl Cluster {
         ns: &str,
         name: &str,
         labels: &[(&str, &str)],
+    ) -> Result<Pod> {
+        self.add_pod_with(node, ns, name, labels, None)
+    }
+
+    /// [`Cluster::add_pod`] with CNI `runtimeConfig.portMappings` (hostPorts),
+    /// as a runtime passes them.
+    pub fn add_pod_with(
+        &mut self,
+        node: usize,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        port_mappings: Option<Value>,
     ) -> Result<Pod> {
         self.ensure_namespace(ns)?;
         let labels: serde_json::Map<String, Value> = labels
@@ -785,7 +895,8 @@ impl Cluster {
             ip: Ipv4Addr::UNSPECIFIED,
             cni_result: Value::Null,
         };
-        let out = self.cni(node, "ADD", &container_id, &netns, &cni_args)?;
+        let runtime = port_mappings.map(|m| json!({"portMappings": m}));
+        let out = self.cni_with(node, "ADD", &container_id, &netns, &cni_args, runtime)?;
         // From here on the pod holds an address: DEL it on drop whatever happens.
         self.pods.push(pod.clone());
         if !out.status.success() {
@@ -808,8 +919,64 @@ impl Cluster {
         *self.pods.last_mut().expect("pushed above") = pod.clone();
         let log = self.tmp.0.join(format!("pod-{ns}-{name}.log"));
         let child = self.spawn_workload(&netns, name, &log)?;
-        self.workloads.push(child);
+        self.pod_workloads.insert(container_id, child);
         Ok(pod)
+    }
+
+    /// Delete the Pod object (`grace` seconds of graceful termination, during
+    /// which its endpoints are terminating; 0 = at once). The pod keeps
+    /// running and wired until [`Cluster::unwire_pod`].
+    pub fn delete_pod(&self, pod: &Pod, grace: u32) -> Result<()> {
+        self.delete(&format!(
+            "/api/v1/namespaces/{}/pods/{}?gracePeriodSeconds={grace}",
+            pod.namespace, pod.name
+        ))?;
+        Ok(())
+    }
+
+    /// Stop the pod as its runtime would: kill its workload, CNI DEL, delete
+    /// its network namespace (and the Pod object if still there).
+    pub fn unwire_pod(&mut self, pod: &Pod) -> Result<()> {
+        if let Some(mut w) = self.pod_workloads.remove(&pod.container_id) {
+            kill(&mut w);
+        }
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+            pod.namespace, pod.name, pod.uid
+        );
+        let out = self.cni(pod.node, "DEL", &pod.container_id, &pod.netns, &args)?;
+        if !out.status.success() {
+            bail!(
+                "CNI DEL of {}/{}: {}",
+                pod.namespace,
+                pod.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        self.pods.retain(|p| p.container_id != pod.container_id);
+        ip(&["netns", "del", &pod.netns])?;
+        self.namespaces.retain(|n| n != &pod.netns);
+        let _ = self.delete(&format!(
+            "/api/v1/namespaces/{}/pods/{}?gracePeriodSeconds=0",
+            pod.namespace, pod.name
+        ));
+        Ok(())
+    }
+
+    /// Set the pod's Ready condition (as a kubelet's readiness probe would).
+    pub fn set_pod_ready(&self, pod: &Pod, ready: bool) -> Result<()> {
+        let path = format!("/api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name);
+        let mut obj = self.get(&path)?;
+        let status = if ready { "True" } else { "False" };
+        let conds = obj["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "Ready").collect();
+        conds.push(json!({"type": "Ready", "status": status}));
+        obj["status"]["conditions"] = Value::Array(conds);
+        self.put(&format!("{path}/status"), obj)?;
+        Ok(())
     }
 
     /// Run the CNI plugin inside node `node`'s namespace, as a runtime does.
@@ -820,6 +987,19 @@ impl Cluster {
         container_id: &str,
         netns: &str,
         cni_args: &str,
+    ) -> Result<Output> {
+        self.cni_with(node, command, container_id, netns, cni_args, None)
+    }
+
+    /// [`Cluster::cni`] with a `runtimeConfig` added to the network config.
+    fn cni_with(
+        &self,
+        node: usize,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        cni_args: &str,
+        runtime_config: Option<Value>,
     ) -> Result<Output> {
         let n = &self.nodes[node];
         let plugin = bin("weft-cni")?;
@@ -845,7 +1025,12 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting weft-cni")?;
-        let conf = std::fs::read(&n.cni_config)?;
+        let mut conf = std::fs::read(&n.cni_config)?;
+        if let Some(rc) = runtime_config {
+            let mut v: Value = serde_json::from_slice(&conf)?;
+            v["runtimeConfig"] = rc;
+            conf = v.to_string().into_bytes();
+        }
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(&conf)?;
         }
@@ -922,7 +1107,11 @@ impl Drop for Cluster {
             let cl = self.control_dir().join("control.log");
             eprintln!("--- control ({}):\n{}", cl.display(), tail(&cl, 12));
         }
-        for w in &mut self.workloads {
+        for w in self
+            .workloads
+            .iter_mut()
+            .chain(self.pod_workloads.values_mut())
+        {
             kill(w);
         }
         for node in &mut self.nodes {

@@ -14,31 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::{
-    connect_from, http_get, http_text, skip_reason, udp_request, Cluster, Pod, HTTP_PORT,
+    connect_from, eventually, http_get, http_text, skip, udp_request, Cluster, Pod, HTTP_PORT,
     RESYNC_SECONDS, UDP_PORT,
 };
-
-/// Poll `f` every 200 ms until it returns Ok or `timeout` passes (then its last error).
-fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("{what}: not within {}s", timeout.as_secs())))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-fn skip() -> bool {
-    if let Some(why) = skip_reason() {
-        println!("skipped: {why}");
-        return true;
-    }
-    false
-}
 
 /// The workload's UDP answer: `NAME:` + payload.
 fn check_udp(from: &str, to: &Pod, payload: &[u8]) -> Result<()> {
@@ -540,6 +518,7 @@ fn cluster_podman_container_reaches_pods() -> Result<()> {
     let mut plugin = node.cni_conf();
     plugin.as_object_mut().map(|o| o.remove("cniVersion"));
     plugin.as_object_mut().map(|o| o.remove("name"));
+    plugin["capabilities"] = json!({"portMappings": true});
     std::fs::write(
         root.join("net.d/weft.conflist"),
         json!({"cniVersion": "1.0.0", "name": "weft", "plugins": [plugin]}).to_string(),

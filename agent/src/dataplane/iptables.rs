@@ -11,16 +11,23 @@
 //! `WEFT-SVL-*` (local endpoints), `WEFT-SEP-*` (one endpoint: hairpin
 //! masquerade, DNAT, affinity), `WEFT-MARK-MASQ`, `WEFT-SNAT` (the
 //! overlay's pod masquerade owns `WEFT-POSTROUTING`).
-//! filter: `WEFT-SERVICES` rejects frontends with no usable endpoint, and
-//! `WEFT-EXTERNAL` drops external traffic with no local endpoint under
-//! `externalTrafficPolicy: Local`.
+//! A Local traffic policy with no local endpoint jumps to `WEFT-MARK-DROP`.
+//! filter: `WEFT-SERVICES` rejects frontends with no usable endpoint,
+//! `WEFT-FIREWALL` drops what was marked for dropping, `WEFT-FORWARD`
+//! accepts pod and service traffic on hosts whose FORWARD policy is DROP.
 
 use super::plan::{FrontendKind, PlannedService, ServicePlan, Target};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use weft_model::view::Protocol;
 
+/// The mark that asks WEFT-SNAT to masquerade a connection's source.
+pub const MASQ_BIT: &str = "0x4000";
 pub const MASQ_MARK: &str = "0x4000/0x4000";
+/// The mark that asks WEFT-FIREWALL to drop a packet (a Local traffic
+/// policy with no local endpoint: nat cannot drop).
+pub const DROP_BIT: &str = "0x8000";
+pub const DROP_MARK: &str = "0x8000/0x8000";
 
 /// Rules per chain, per table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -74,77 +81,112 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
     let mut services = Vec::new();
     let mut nodeports = Vec::new();
     let mut reject = Vec::new();
-    let mut external_drop = Vec::new();
     for svc in &plan.services {
         for (i, pb) in svc.backends.iter().enumerate() {
             let id = port_id(svc, i);
             let c = comment(svc, i);
             let p = proto(svc.ports[i].protocol);
-            let svc_chain = format!("WEFT-SVC-{}", hash(&id));
-            let ext_chain = format!("WEFT-EXT-{}", hash(&id));
-            let svl_chain = format!("WEFT-SVL-{}", hash(&id));
             let frontends: Vec<_> = svc.frontends.iter().filter(|f| f.port_index == i).collect();
             if pb.cluster.is_empty() {
                 // No usable endpoint anywhere: refuse at once, never time out.
                 for f in &frontends {
-                    let m = match f.kind {
-                        FrontendKind::NodePort => {
-                            format!("-m addrtype --dst-type LOCAL -p {p} --dport {}", f.port)
-                        }
-                        _ => format!("-d {}/32 -p {p} --dport {}", f.ip, f.port),
-                    };
-                    reject.push(format!("-m comment --comment {c} {m} -j REJECT"));
+                    reject.push(format!(
+                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j REJECT",
+                        f.ip, f.port
+                    ));
                 }
                 continue;
             }
             let affinity = svc.affinity_timeout;
-            // Internal chain: sources outside the cluster CIDR are masqueraded.
-            let mut rules = vec![format!(
-                "! -s {cluster_cidr} -m comment --comment {c} -j WEFT-MARK-MASQ"
-            )];
-            rules.extend(spread(&pb.internal, &id, p, affinity, &mut rs));
-            rs.nat.insert(svc_chain.clone(), rules);
-            let externals = frontends.iter().any(|f| f.kind.external());
-            if externals {
-                let mut ext = Vec::new();
-                if svc.external_local {
-                    ext.push(format!("-s {cluster_cidr} -m comment --comment \"pods go to the internal endpoints\" -j {svc_chain}"));
-                    ext.push("-m addrtype --src-type LOCAL -j WEFT-MARK-MASQ".to_string());
-                    ext.push(format!("-m addrtype --src-type LOCAL -j {svc_chain}"));
-                    if pb.external.is_empty() {
-                        for f in frontends.iter().filter(|f| f.kind.external()) {
-                            external_drop.push(format!(
-                                "-m comment --comment {c} -d {}/32 -p {p} --dport {} -j DROP",
-                                f.ip, f.port
-                            ));
-                        }
-                    } else {
-                        ext.push(format!("-j {svl_chain}"));
-                        let local = spread(&pb.external, &id, p, affinity, &mut rs);
-                        rs.nat.insert(svl_chain.clone(), local);
-                    }
-                } else {
-                    ext.push(format!("-m comment --comment {c} -j WEFT-MARK-MASQ"));
-                    ext.push(format!("-j {svc_chain}"));
-                }
-                rs.nat.insert(ext_chain.clone(), ext);
+            // WEFT-SVC: every usable endpoint; WEFT-SVL: the local ones, when a
+            // Local traffic policy needs them.
+            let svc_chain = format!("WEFT-SVC-{}", hash(&id));
+            let svl_chain = format!("WEFT-SVL-{}", hash(&id));
+            let ext_chain = format!("WEFT-EXT-{}", hash(&id));
+            // The usable local endpoints (their own terminating fallback), for
+            // the Local traffic policies.
+            let local: &[Target] = if svc.internal_local {
+                &pb.internal
+            } else if svc.external_local {
+                &pb.external
+            } else {
+                &[]
+            };
+            // Traffic to the cluster IPs: pods keep their source, anything else
+            // is masqueraded (in the endpoint chain, as kube-proxy does, so
+            // WEFT-SERVICES keeps one rule per frontend);
+            // internalTrafficPolicy picks the endpoint chain.
+            let masq: Vec<String> = frontends
+                .iter()
+                .filter(|f| f.kind == FrontendKind::ClusterIP)
+                .map(|f| {
+                    format!(
+                        "! -s {cluster_cidr} -d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j WEFT-MARK-MASQ",
+                        f.ip, f.port
+                    )
+                })
+                .collect();
+            let mut cluster_rules = if svc.internal_local {
+                Vec::new()
+            } else {
+                masq.clone()
+            };
+            cluster_rules.extend(spread(&pb.cluster, &id, p, affinity, &mut rs));
+            rs.nat.insert(svc_chain.clone(), cluster_rules);
+            if (svc.internal_local || svc.external_local) && !local.is_empty() {
+                let mut rules = if svc.internal_local { masq } else { Vec::new() };
+                rules.extend(spread(local, &id, p, affinity, &mut rs));
+                rs.nat.insert(svl_chain.clone(), rules);
             }
-            for f in &frontends {
-                match f.kind {
-                    FrontendKind::ClusterIP => services.push(format!(
-                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {svc_chain}",
-                        f.ip, f.port
-                    )),
-                    FrontendKind::NodePort => nodeports.push(format!(
-                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
-                        f.ip, f.port
-                    )),
-                    FrontendKind::ExternalIP | FrontendKind::LoadBalancer => {
-                        services.push(format!(
-                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
-                        f.ip, f.port
-                    ))
-                    }
+            let local_or_drop = if local.is_empty() {
+                "WEFT-MARK-DROP".to_string()
+            } else {
+                svl_chain.clone()
+            };
+            let internal = if svc.internal_local {
+                local_or_drop.clone()
+            } else {
+                svc_chain.clone()
+            };
+            for f in frontends
+                .iter()
+                .filter(|f| f.kind == FrontendKind::ClusterIP)
+            {
+                services.push(format!(
+                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {internal}",
+                    f.ip, f.port
+                ));
+            }
+            if !frontends.iter().any(|f| f.kind.external()) {
+                continue;
+            }
+            // Traffic to NodePorts, external and load-balancer IPs.
+            let ext = if svc.external_local {
+                // Clients outside keep their address and reach local endpoints
+                // only; pods are short-circuited to the internal endpoints, and
+                // the node itself is masqueraded to them.
+                vec![
+                    format!("-s {cluster_cidr} -m comment --comment \"pods go to the internal endpoints\" -j {internal}"),
+                    "-m addrtype --src-type LOCAL -j WEFT-MARK-MASQ".to_string(),
+                    format!("-m addrtype --src-type LOCAL -j {internal}"),
+                    format!("-m comment --comment {c} -j {local_or_drop}"),
+                ]
+            } else {
+                vec![
+                    format!("-m comment --comment {c} -j WEFT-MARK-MASQ"),
+                    format!("-j {svc_chain}"),
+                ]
+            };
+            rs.nat.insert(ext_chain.clone(), ext);
+            for f in frontends.iter().filter(|f| f.kind.external()) {
+                let rule = format!(
+                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
+                    f.ip, f.port
+                );
+                if f.kind == FrontendKind::NodePort {
+                    nodeports.push(rule);
+                } else {
+                    services.push(rule);
                 }
             }
         }
@@ -154,21 +196,39 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
     rs.nat.insert("WEFT-NODEPORTS".into(), nodeports);
     rs.nat.insert(
         "WEFT-MARK-MASQ".into(),
-        vec![format!(
-            "-j MARK --or-mark {}",
-            MASQ_MARK.split('/').next().unwrap_or("0x4000")
-        )],
+        vec![format!("-j MARK --or-mark {MASQ_BIT}")],
+    );
+    rs.nat.insert(
+        "WEFT-MARK-DROP".into(),
+        vec![format!("-j MARK --or-mark {DROP_BIT}")],
     );
     rs.nat.insert(
         "WEFT-SNAT".into(),
         vec![
             format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
-            "-j MARK --xor-mark 0x4000".into(),
+            format!("-j MARK --xor-mark {MASQ_BIT}"),
             "-m comment --comment \"weft service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
         ],
     );
     rs.filter.insert("WEFT-SERVICES".into(), reject);
-    rs.filter.insert("WEFT-EXTERNAL".into(), external_drop);
+    rs.filter.insert(
+        "WEFT-FIREWALL".into(),
+        vec![
+            format!("-m mark --mark {DROP_MARK} -m comment --comment \"a Local traffic policy without a local endpoint\" -j DROP"),
+            // route_localnet is set on weft's bridge (localhost hostPorts and
+            // NodePorts need it): never let a neighbour reach 127.0.0.0/8 (CVE-2020-8558).
+            "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -m comment --comment \"block incoming localnet connections\" -j DROP".into(),
+        ],
+    );
+    rs.filter.insert(
+        "WEFT-FORWARD".into(),
+        vec![
+            "-m conntrack --ctstate INVALID -j DROP".into(),
+            format!("-m mark --mark {MASQ_MARK} -m comment --comment \"service traffic to be masqueraded\" -j ACCEPT"),
+            format!("-s {cluster_cidr} -m comment --comment \"pod traffic\" -j ACCEPT"),
+            format!("-d {cluster_cidr} -m comment --comment \"pod traffic\" -j ACCEPT"),
+        ],
+    );
     rs
 }
 
@@ -339,7 +399,7 @@ mod tests {
             true,
             None,
         )]);
-        assert_eq!(rs.filter["WEFT-EXTERNAL"].len(), 1);
+        assert_eq!(rs.filter["WEFT-FIREWALL"].len(), 2);
         let ext = rs
             .nat
             .iter()
@@ -351,6 +411,10 @@ mod tests {
             "pods short-circuit to the internal chain: {ext:?}"
         );
         assert!(!ext.iter().any(|r| r.contains("WEFT-SVL-")));
+        assert!(
+            ext.last().unwrap().ends_with("-j WEFT-MARK-DROP"),
+            "outside clients are dropped: {ext:?}"
+        );
     }
 
     #[test]

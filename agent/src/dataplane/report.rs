@@ -85,7 +85,12 @@ pub fn parse_source(s: &str, cfg: &PlanConfig) -> Result<Source, String> {
 }
 
 /// Answer a trace request `{"from": ..., "to": "IP:PORT", "protocol": "TCP"}`.
-pub fn trace_request(req: &Value, plan: &ServicePlan, cfg: &PlanConfig) -> Value {
+pub fn trace_request(
+    req: &Value,
+    plan: &ServicePlan,
+    cfg: &PlanConfig,
+    hostports: &[super::hostports::HostPort],
+) -> Value {
     let from = req["from"].as_str().unwrap_or("");
     let to = req["to"].as_str().unwrap_or("");
     let proto = req["protocol"].as_str().unwrap_or("TCP");
@@ -111,6 +116,23 @@ pub fn trace_request(req: &Value, plan: &ServicePlan, cfg: &PlanConfig) -> Value
             port,
         },
     );
+    // Service rules come first; a packet they leave alone may hit a hostPort.
+    if v == Verdict::PassThrough {
+        let local = cfg.node_addresses.contains(&dst) || dst.is_loopback();
+        if let Some(hp) = super::hostports::trace(hostports, dst, local, protocol, port) {
+            return json!({
+                "from": format!("{src:?}"),
+                "to": to,
+                "protocol": protocol.as_str(),
+                "verdict": "hostport",
+                "frontend": "HostPort",
+                "explanation": format!(
+                    "hostPort {} of {}: translated to {}:{} (a pod reaching its own hostPort, and the node's localhost, are masqueraded)",
+                    hp.host_port, hp.pod, hp.pod_ip, hp.container_port
+                ),
+            });
+        }
+    }
     let kind = match &v {
         Verdict::PassThrough => "pass-through",
         Verdict::Dnat { .. } => "dnat",

@@ -1,0 +1,188 @@
+//! Drives the service dataplane from the view: every view change (and every
+//! hostPort change the CNI plugin reports) rebuilds the plan and applies it;
+//! a periodic check repairs outside damage and a slower timer forces a full
+//! rewrite. The kernel work runs on the blocking pool, so the async runtime
+//! (the stream, the local API, DNS) never waits for iptables.
+
+use super::netfilter::IptablesDataplane;
+use super::plan::{build, PlanConfig};
+use crate::health::{Health, Metrics, ServiceHealth, ServiceHealthState};
+use crate::sync::SharedView;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{watch, Notify};
+
+pub struct DriverConfig {
+    pub plan: PlanConfig,
+    /// The CNI plugin's IPAM directory: hostPort mappings live in its claims.
+    pub ipam_dir: PathBuf,
+    /// How often the kernel is checked for outside damage.
+    pub check_every: Duration,
+    /// How often everything is rewritten regardless.
+    pub full_every: Duration,
+}
+
+/// What the driver shares with the rest of the agent.
+pub struct Shared {
+    pub view: SharedView,
+    /// The view's revision, bumped on every change.
+    pub changes: watch::Receiver<u64>,
+    /// Wakes the driver for changes outside the view (hostPorts).
+    pub poke: Arc<Notify>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
+    let Shared {
+        view,
+        mut changes,
+        poke,
+        health,
+        metrics,
+    } = shared;
+    // healthCheckNodePorts answer on the node's addresses.
+    let mut service_health =
+        ServiceHealth::new(cfg.plan.node_addresses.clone()).with_proxy_health(health.clone());
+    let mut check = tokio::time::interval(cfg.check_every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = Instant::now();
+    let mut failing = false;
+    loop {
+        let mut verify = false;
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                changes.borrow_and_update();
+                health.queued(SystemTime::now());
+            }
+            _ = poke.notified() => health.queued(SystemTime::now()),
+            _ = check.tick() => verify = true,
+        }
+        let (plan, checks) = {
+            let v = view.read().unwrap_or_else(|p| p.into_inner());
+            if !v.synced {
+                continue;
+            }
+            metrics.set_revision(v.rev);
+            (build(&v, &cfg.plan), health_checks(&v, &cfg.plan.node))
+        };
+        let full_due = last_full.elapsed() >= cfg.full_every;
+        if full_due {
+            last_full = Instant::now();
+        }
+        let ipam_dir = cfg.ipam_dir.clone();
+        let started = Instant::now();
+        let job = tokio::task::spawn_blocking(move || {
+            let mut damage = None;
+            if full_due {
+                dp.invalidate();
+                damage = Some("periodic full resync".to_string());
+            } else if verify {
+                damage = dp.check();
+            }
+            let sysctl = super::netfilter::ensure_route_localnet(crate::overlay::BRIDGE);
+            let (chains, conflicts) = hostport_chains(&ipam_dir);
+            let result = dp.apply(&plan, chains);
+            (dp, damage, conflicts, result, sysctl)
+        });
+        let (back, damage, conflicts, result, sysctl) = match job.await {
+            Ok(r) => r,
+            Err(e) => {
+                // The apply panicked: nothing safe to continue with.
+                tracing::error!(error = %e, "the service dataplane task failed; exiting");
+                std::process::exit(1);
+            }
+        };
+        dp = back;
+        if let Some(reason) = &damage {
+            if reason != "periodic full resync" {
+                tracing::warn!(%reason, "our iptables rules were changed by someone else; rewriting them");
+            }
+            metrics.full_resync(if reason == "periodic full resync" {
+                "periodic"
+            } else {
+                "damage"
+            });
+        }
+        if let Err(e) = sysctl {
+            tracing::warn!(error = %e, "route_localnet not set on the bridge");
+        }
+        for c in &conflicts {
+            tracing::warn!(conflict = %c, "hostPort not programmed");
+        }
+        match result {
+            Ok(stats) => {
+                let secs = started.elapsed().as_secs_f64();
+                metrics.observe_sync("iptables", secs);
+                metrics.set_programmed(stats.services as u64, stats.endpoints as u64);
+                metrics.conntrack_deleted(stats.conntrack_deleted);
+                for e in &stats.conntrack_errors {
+                    tracing::warn!(error = %e, "conntrack cleanup failed");
+                }
+                if stats.chains > 0 || failing {
+                    tracing::info!(
+                        chains = stats.chains,
+                        bytes = stats.bytes,
+                        full = stats.full,
+                        services = stats.services,
+                        conntrack_deleted = stats.conntrack_deleted,
+                        ms = (secs * 1000.0) as u64,
+                        "services programmed"
+                    );
+                }
+                failing = false;
+                health.applied(SystemTime::now());
+                for e in service_health.sync(checks).await {
+                    tracing::warn!(error = %e, "healthCheckNodePort not served");
+                }
+            }
+            Err(e) => {
+                metrics.sync_error("iptables");
+                tracing::warn!(error = %e, "programming services failed; retrying");
+                failing = true;
+                // Retry soon, without spinning.
+                let poke = poke.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    poke.notify_one();
+                });
+            }
+        }
+    }
+}
+
+/// The hostPort chains from the plugin's claims, and mappings not programmed.
+fn hostport_chains(ipam_dir: &std::path::Path) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
+    let found = super::hostports::read(ipam_dir);
+    (super::hostports::render(&found.ports), found.conflicts)
+}
+
+/// The healthCheckNodePorts this node serves: every `externalTrafficPolicy:
+/// Local` Service that has one, with its local endpoint counts.
+pub fn health_checks(view: &weft_model::NodeView, node: &str) -> BTreeMap<u16, ServiceHealthState> {
+    let mut out = BTreeMap::new();
+    for svc in view.services.values() {
+        let Some(port) = svc.health_check_node_port else {
+            continue;
+        };
+        if !svc.proxied || !svc.external_local {
+            continue;
+        }
+        let local = || svc.backends.iter().filter(|b| b.is_local(node));
+        out.insert(
+            port,
+            ServiceHealthState {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                local_endpoints: local().filter(|b| b.ready).count(),
+                local_serving_terminating: local().filter(|b| b.serving && b.terminating).count(),
+            },
+        );
+    }
+    out
+}

@@ -1,0 +1,574 @@
+//! Kubernetes `[sig-network] Services` behaviour end to end, on the simulated
+//! cluster (tests/src/cluster.rs) with the agents' iptables dataplane: real
+//! packets from pods on both nodes, from a node itself and from a host
+//! outside the cluster. Without root each test prints `skipped: <why>`.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+use weft_e2e::cluster::{
+    eventually, http_status, http_text, in_netns, skip, try_connect, udp_request, Cluster, Connect,
+    Pod, HTTP_PORT,
+};
+
+const NS: &str = "svc";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn service(c: &Cluster, name: &str, spec: Value) -> Result<Value> {
+    c.post(
+        &format!("/api/v1/namespaces/{NS}/services"),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS}, "spec": spec}),
+    )
+}
+
+fn cluster_ip(svc: &Value) -> Result<Ipv4Addr> {
+    svc["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no clusterIP in {}", svc["spec"]))
+}
+
+fn node_port(svc: &Value, i: usize) -> Result<u16> {
+    svc["spec"]["ports"][i]["nodePort"]
+        .as_u64()
+        .map(|p| p as u16)
+        .with_context(|| format!("no nodePort in {}", svc["spec"]))
+}
+
+/// The hostname of the pod that answered `GET /hostname` at ip:port.
+fn hostname(from: &str, ip: Ipv4Addr, port: u16) -> Result<String> {
+    Ok(http_text(from, ip, port, "/hostname")?.trim().to_string())
+}
+
+/// Wait until ip:port answers from `from` with one of `names`.
+fn reaches(from: &str, ip: Ipv4Addr, port: u16, names: &[&str]) -> Result<String> {
+    eventually(&format!("{from} -> {ip}:{port}"), WAIT, || {
+        let h = hostname(from, ip, port)?;
+        ensure!(
+            names.contains(&h.as_str()),
+            "answered by {h}, expected one of {names:?}"
+        );
+        Ok(h)
+    })
+}
+
+/// Wait until a connection from `from` to ip:port ends the way `want` says.
+fn connects(from: &str, ip: Ipv4Addr, port: u16, want: Connect) -> Result<()> {
+    let addr = SocketAddr::from((ip, port));
+    eventually(&format!("{from} -> {addr} {want:?}"), WAIT, || {
+        let got = try_connect(from, addr, Duration::from_secs(2));
+        ensure!(got == want, "{got:?}");
+        Ok(())
+    })
+}
+
+/// The distinct backends seen over `n` new connections.
+fn spread(from: &str, ip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<String>> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let h = hostname(from, ip, port)?;
+        if !seen.contains(&h) {
+            seen.push(h);
+        }
+    }
+    seen.sort();
+    Ok(seen)
+}
+
+fn names(pods: &[&Pod]) -> Vec<String> {
+    pods.iter().map(|p| p.name.clone()).collect()
+}
+
+#[test]
+fn services_cluster_ips_node_ports_affinity_and_type_changes() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut c = Cluster::up(2)?;
+    let w1 = c.add_pod(0, NS, "web-1", &[("app", "web")])?;
+    let w2 = c.add_pod(1, NS, "web-2", &[("app", "web")])?;
+    let w3 = c.add_pod(1, NS, "web-3", &[("app", "web")])?;
+    let c1 = c.add_pod(0, NS, "client-1", &[("app", "client")])?;
+    let c2 = c.add_pod(1, NS, "client-2", &[("app", "client")])?;
+    let web = [&w1, &w2, &w3];
+    let web_names = names(&web);
+    let web_names: Vec<&str> = web_names.iter().map(String::as_str).collect();
+    let node0 = c.nodes[0].netns.clone();
+    let node_ip = [c.nodes[0].ip, c.nodes[1].ip];
+    let ext = c.external_ns();
+
+    // Multiport ClusterIP, named targetPorts, the same port on TCP and UDP.
+    let svc = service(
+        &c,
+        "web",
+        json!({"selector": {"app": "web"}, "ports": [
+            {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+            {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": "udp"},
+            {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": HTTP_PORT}
+        ]}),
+    )?;
+    let vip = cluster_ip(&svc)?;
+    for from in [&c1.netns, &c2.netns, &node0] {
+        reaches(from, vip, 80, &web_names)?;
+        reaches(from, vip, 81, &web_names)?;
+        let answer = udp_request(from, vip, 80, b"ping")?;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        ensure!(
+            web_names.iter().any(|n| answer == format!("{n}:ping")),
+            "UDP via {vip}:80 from {from}: {answer:?}"
+        );
+    }
+    // Spread over every backend (no affinity): P(missing one in 30) < 1e-5.
+    let seen = spread(&c1.netns, vip, 80, 30)?;
+    ensure!(seen.len() == 3, "30 connections reached only {seen:?}");
+    // Pod -> ClusterIP keeps the pod's source.
+    let seen_ip = http_text(&c1.netns, vip, 80, "/clientip")?;
+    ensure!(
+        seen_ip.trim() == c1.ip.to_string(),
+        "the backend saw {seen_ip:?}, not client-1's {}",
+        c1.ip
+    );
+    println!(
+        "ClusterIP multiport TCP+UDP from pods on both nodes and a node: ok ({:.1}s)",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // NodePort: on every node's address, from outside, masqueraded (ETP Cluster).
+    let np_svc = service(
+        &c,
+        "web-np",
+        json!({"type": "NodePort", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let np = node_port(&np_svc, 0)?;
+    for ip in node_ip {
+        reaches(&ext, ip, np, &web_names)?;
+        let client = http_text(&ext, ip, np, "/clientip")?;
+        ensure!(
+            client.trim() != c.external_ip().to_string(),
+            "externalTrafficPolicy Cluster must masquerade, the backend saw {client}"
+        );
+    }
+    reaches(&c2.netns, node_ip[0], np, &web_names)?;
+    reaches(&node0, node_ip[0], np, &web_names)?;
+    // Not on 127.0.0.1 unless enabled.
+    let lo = try_connect(
+        &node0,
+        SocketAddr::from(([127, 0, 0, 1], np)),
+        Duration::from_secs(2),
+    );
+    ensure!(
+        lo != Connect::Connected,
+        "NodePort answered on 127.0.0.1: {lo:?}"
+    );
+    println!("NodePort from outside, a pod and the node: ok");
+
+    // Session affinity ClientIP: one backend per client until the timeout.
+    let sticky = service(
+        &c,
+        "sticky",
+        json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP",
+               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let sticky_ip = cluster_ip(&sticky)?;
+    let first = reaches(&c1.netns, sticky_ip, 80, &web_names)?;
+    for _ in 0..15 {
+        let h = hostname(&c1.netns, sticky_ip, 80)?;
+        ensure!(h == first, "affinity broken: {first} then {h}");
+    }
+    // After the timeout a new choice is made: P(same backend 12 times in a row) = 3^-12.
+    let mut moved = false;
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(3100));
+        if hostname(&c1.netns, sticky_ip, 80)? != first {
+            moved = true;
+            break;
+        }
+    }
+    ensure!(moved, "affinity never expired after its 2s timeout");
+    // Turning affinity off spreads again.
+    c.update(&format!("/api/v1/namespaces/{NS}/services/sticky"), |s| {
+        s["spec"]["sessionAffinity"] = "None".into();
+        s["spec"]
+            .as_object_mut()
+            .map(|m| m.remove("sessionAffinityConfig"));
+    })?;
+    eventually("affinity off spreads", WAIT, || {
+        let seen = spread(&c1.netns, sticky_ip, 80, 20)?;
+        ensure!(seen.len() > 1, "still only {seen:?}");
+        Ok(())
+    })?;
+    println!("session affinity on, its timeout, and off: ok");
+
+    // Type changes: ExternalName -> ClusterIP -> NodePort -> ClusterIP.
+    service(
+        &c,
+        "morph",
+        json!({"type": "ExternalName", "externalName": "web.example.test"}),
+    )?;
+    let path = format!("/api/v1/namespaces/{NS}/services/morph");
+    let morphed = c.update(&path, |s| {
+        s["spec"] = json!({"type": "ClusterIP", "selector": {"app": "web"},
+                           "ports": [{"name": "http", "port": 80, "targetPort": "http"}]});
+    })?;
+    let morph_ip = cluster_ip(&morphed)?;
+    reaches(&c1.netns, morph_ip, 80, &web_names)?;
+    let morphed = c.update(&path, |s| s["spec"]["type"] = "NodePort".into())?;
+    let morph_np = node_port(&morphed, 0)?;
+    reaches(&ext, node_ip[1], morph_np, &web_names)?;
+    c.update(&path, |s| {
+        s["spec"]["type"] = "ClusterIP".into();
+        if let Some(p) = s["spec"]["ports"][0].as_object_mut() {
+            p.remove("nodePort");
+        }
+    })?;
+    connects(&ext, node_ip[1], morph_np, Connect::Refused)?;
+    reaches(&c2.netns, morph_ip, 80, &web_names)?;
+    let back = c.update(&path, |s| {
+        s["spec"] = json!({"type": "ExternalName", "externalName": "web.example.test"});
+    })?;
+    ensure!(
+        back["spec"]["clusterIP"].is_null(),
+        "ExternalName kept {}",
+        back["spec"]
+    );
+    connects(&c1.netns, morph_ip, 80, Connect::Refused).or_else(|_| {
+        // With no Service at that address the packet is routed nowhere.
+        let got = try_connect(
+            &c1.netns,
+            SocketAddr::from((morph_ip, 80)),
+            Duration::from_secs(2),
+        );
+        ensure!(got != Connect::Connected, "{morph_ip}:80 still answers");
+        Ok(())
+    })?;
+    println!("type changes ExternalName <-> ClusterIP <-> NodePort: ok");
+
+    // Recreate a Service: the new one works, the old address does not.
+    c.delete(&format!("/api/v1/namespaces/{NS}/services/web-np"))?;
+    let gone = SocketAddr::from((node_ip[0], np));
+    eventually("deleted NodePort closes", WAIT, || {
+        let got = try_connect(&ext, gone, Duration::from_secs(2));
+        ensure!(got != Connect::Connected, "{got:?}");
+        Ok(())
+    })?;
+    let again = service(
+        &c,
+        "web-np",
+        json!({"type": "NodePort", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    reaches(&ext, node_ip[0], node_port(&again, 0)?, &web_names)?;
+    reaches(&c1.netns, cluster_ip(&again)?, 80, &web_names)?;
+    println!("Service deleted and recreated: ok");
+
+    // No endpoints: refused at once (REJECT), from a pod and the node.
+    let empty = service(
+        &c,
+        "empty",
+        json!({"type": "NodePort", "selector": {"app": "nothing"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let empty_ip = cluster_ip(&empty)?;
+    connects(&c1.netns, empty_ip, 80, Connect::Refused)?;
+    connects(&node0, empty_ip, 80, Connect::Refused)?;
+    connects(&ext, node_ip[1], node_port(&empty, 0)?, Connect::Refused)?;
+    println!("no endpoints -> REJECT: ok");
+
+    // Agent health and metrics.
+    let (code, body) = http_status(&node0, node_ip[0], 10256, "/healthz")?;
+    ensure!(
+        code == 200 && body.contains("lastUpdated"),
+        "/healthz: {code} {body}"
+    );
+    let (code, _) = http_status(&node0, node_ip[0], 10256, "/livez")?;
+    ensure!(code == 200, "/livez: {code}");
+    let (code, metrics) = http_status(&node0, node_ip[0], 10256, "/metrics")?;
+    ensure!(code == 200, "/metrics: {code}");
+    let programmed = metric(&metrics, "weft_services_programmed")?;
+    ensure!(programmed >= 4.0, "weft_services_programmed {programmed}");
+    ensure!(
+        metric(
+            &metrics,
+            "weft_sync_duration_seconds_count{dataplane=\"iptables\"}"
+        )? >= 1.0
+    );
+
+    // Someone flushes the nat table: the agent notices and restores its rules.
+    let before = metric(&metrics, "weft_full_resyncs_total{reason=\"damage\"}").unwrap_or(0.0);
+    c.sh(&node0, &["iptables", "-t", "nat", "-F"])?;
+    eventually(
+        "rules restored after a flush",
+        Duration::from_secs(30),
+        || {
+            reaches(&node0, vip, 80, &web_names)?;
+            Ok(())
+        },
+    )?;
+    let (_, metrics) = http_status(&node0, node_ip[0], 10256, "/metrics")?;
+    let after = metric(&metrics, "weft_full_resyncs_total{reason=\"damage\"}")?;
+    ensure!(
+        after > before,
+        "no damage resync counted ({before} -> {after})"
+    );
+    reaches(&c1.netns, vip, 80, &web_names)?;
+    println!(
+        "flushed nat table restored; health and metrics: ok ({:.1}s)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A sample's value in Prometheus text (`name{labels} value`).
+fn metric(text: &str, name: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no sample {name} in /metrics"))
+}
+
+#[test]
+fn services_traffic_policies_readiness_hairpin_and_udp_cycling() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut c = Cluster::up(2)?;
+    let l1 = c.add_pod(0, NS, "local-1", &[("app", "local")])?;
+    let c1 = c.add_pod(0, NS, "client-1", &[("app", "client")])?;
+    let c2 = c.add_pod(1, NS, "client-2", &[("app", "client")])?;
+    let node_ip = [c.nodes[0].ip, c.nodes[1].ip];
+    let node1 = c.nodes[1].netns.clone();
+    let ext = c.external_ns();
+    let ext_ip = c.external_ip();
+
+    // externalTrafficPolicy: Local — client address kept, only nodes with a
+    // local endpoint answer, health check port says which.
+    let etp = service(
+        &c,
+        "etp-local",
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "selector": {"app": "local"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    // A load balancer (here: a route on the external host) sends its ingress IP to node-1.
+    let lb_ip: Ipv4Addr = "198.19.255.100".parse()?;
+    c.update(
+        &format!("/api/v1/namespaces/{NS}/services/etp-local/status"),
+        |s| {
+            s["status"] = json!({"loadBalancer": {"ingress": [{"ip": lb_ip.to_string()}]}});
+        },
+    )?;
+    c.sh(
+        &ext,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{lb_ip}/32"),
+            "via",
+            &node_ip[0].to_string(),
+        ],
+    )?;
+    reaches(&ext, lb_ip, 80, &["local-1"])?;
+    let client = http_text(&ext, lb_ip, 80, "/clientip")?;
+    ensure!(
+        client.trim() == ext_ip.to_string(),
+        "LB ingress with ETP Local must keep the client address, backend saw {client}"
+    );
+    let np = node_port(&etp, 0)?;
+    let hc = etp["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .context("no healthCheckNodePort")? as u16;
+    reaches(&ext, node_ip[0], np, &["local-1"])?;
+    let client = http_text(&ext, node_ip[0], np, "/clientip")?;
+    ensure!(
+        client.trim() == ext_ip.to_string(),
+        "ETP Local must keep the client address, backend saw {client}"
+    );
+    connects(&ext, node_ip[1], np, Connect::TimedOut)?;
+    // Pods and the node itself reach every endpoint through their own
+    // node's NodePort even without a local one (a pod going to another
+    // node's address leaves masqueraded, as an outside client would).
+    reaches(&c2.netns, node_ip[1], np, &["local-1"])?;
+    reaches(&c1.netns, node_ip[0], np, &["local-1"])?;
+    reaches(&node1, node_ip[1], np, &["local-1"])?;
+    let health = eventually("health check ports", WAIT, || {
+        let (a, body) = http_status(&ext, node_ip[0], hc, "/")?;
+        let (b, _) = http_status(&ext, node_ip[1], hc, "/")?;
+        ensure!((a, b) == (200, 503), "node-1 {a}, node-2 {b}");
+        Ok(body)
+    })?;
+    let health: Value = serde_json::from_str(&health)?;
+    ensure!(health["localEndpoints"] == 1, "{health}");
+    println!("LoadBalancer ingress IP, externalTrafficPolicy Local + healthCheckNodePort: ok");
+
+    // internalTrafficPolicy: Local — only pods on a node with an endpoint.
+    let itp = service(
+        &c,
+        "itp-local",
+        json!({"internalTrafficPolicy": "Local", "selector": {"app": "local"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let itp_ip = cluster_ip(&itp)?;
+    reaches(&c1.netns, itp_ip, 80, &["local-1"])?;
+    connects(&c2.netns, itp_ip, 80, Connect::TimedOut)?;
+    println!("internalTrafficPolicy Local: ok");
+
+    // Hairpin: a pod reaches itself through its own Service, masqueraded.
+    let self_ip = itp_ip;
+    let seen = eventually("hairpin", WAIT, || {
+        http_text(&l1.netns, self_ip, 80, "/clientip")
+    })?;
+    ensure!(
+        seen.trim() != l1.ip.to_string(),
+        "hairpin was not masqueraded: backend saw {seen}"
+    );
+    println!("hairpin: ok");
+
+    // Unready endpoints: not used, unless publishNotReadyAddresses.
+    let u1 = c.add_pod(1, NS, "unready-1", &[("app", "unready")])?;
+    let plain = service(
+        &c,
+        "unready",
+        json!({"selector": {"app": "unready"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let publish = service(
+        &c,
+        "unready-pub",
+        json!({"publishNotReadyAddresses": true, "selector": {"app": "unready"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let (plain_ip, publish_ip) = (cluster_ip(&plain)?, cluster_ip(&publish)?);
+    reaches(&c1.netns, plain_ip, 80, &["unready-1"])?;
+    c.set_pod_ready(&u1, false)?;
+    connects(&c1.netns, plain_ip, 80, Connect::Refused)?;
+    reaches(&c1.netns, publish_ip, 80, &["unready-1"])?;
+    println!("unready endpoints with and without publishNotReadyAddresses: ok");
+
+    // Terminating endpoints: used while serving when nothing is ready.
+    let t1 = c.add_pod(0, NS, "term-1", &[("app", "term")])?;
+    let t2 = c.add_pod(1, NS, "term-2", &[("app", "term")])?;
+    let term = service(
+        &c,
+        "term",
+        json!({"selector": {"app": "term"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    )?;
+    let term_ip = cluster_ip(&term)?;
+    reaches(&c2.netns, term_ip, 80, &["term-1", "term-2"])?;
+    c.delete_pod(&t1, 300)?;
+    c.delete_pod(&t2, 300)?;
+    // Ready (serving) and terminating: still answered.
+    eventually("endpoints terminating", WAIT, || {
+        let slices = c.get(&format!(
+            "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+        ))?;
+        let text = slices.to_string();
+        ensure!(
+            text.contains("\"terminating\":true"),
+            "no terminating endpoint yet"
+        );
+        Ok(())
+    })?;
+    reaches(&c2.netns, term_ip, 80, &["term-1", "term-2"])?;
+    c.set_pod_ready(&t1, false)?;
+    c.set_pod_ready(&t2, false)?;
+    connects(&c2.netns, term_ip, 80, Connect::Refused)?;
+    c.unwire_pod(&t1)?;
+    c.unwire_pod(&t2)?;
+    println!("terminating fallback: ok");
+
+    // hostPort (CNI portMappings): local destinations only, never shadowing a Service.
+    let shadowed: u16 = 30998;
+    let web = service(
+        &c,
+        "hp-web",
+        json!({"type": "NodePort", "selector": {"app": "local"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": shadowed}]}),
+    )?;
+    let _ = web;
+    let h1 = c.add_pod_with(
+        0,
+        NS,
+        "hostport-1",
+        &[("app", "hostport")],
+        Some(json!([
+            {"hostPort": 8081, "containerPort": HTTP_PORT, "protocol": "tcp"},
+            {"hostPort": shadowed, "containerPort": HTTP_PORT, "protocol": "tcp"}
+        ])),
+    )?;
+    reaches(&ext, node_ip[0], 8081, &["hostport-1"])?;
+    reaches(&c2.netns, node_ip[0], 8081, &["hostport-1"])?;
+    reaches(&c.nodes[0].netns.clone(), node_ip[0], 8081, &["hostport-1"])?;
+    reaches(&h1.netns, node_ip[0], 8081, &["hostport-1"])?;
+    let other = try_connect(
+        &ext,
+        SocketAddr::from((node_ip[1], 8081)),
+        Duration::from_secs(2),
+    );
+    ensure!(
+        other != Connect::Connected,
+        "the hostPort answered on the other node"
+    );
+    for _ in 0..5 {
+        let h = hostname(&ext, node_ip[0], shadowed)?;
+        ensure!(
+            h == "local-1",
+            "hostPort {shadowed} shadowed the Service's NodePort: {h} answered"
+        );
+    }
+    println!("hostPort: ok (and a hostPort never shadows a NodePort)");
+
+    // UDP server pod cycling behind a ClusterIP and a NodePort: clients that
+    // keep their source port reach the new pod (conntrack entries cleaned),
+    // including a NodePort that received traffic before it existed (0 -> 1).
+    let fixed_np: u16 = 30999;
+    let ext_sock = in_netns(&ext, || UdpSocket::bind("0.0.0.0:40002"))??;
+    ext_sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let early = SocketAddr::from((node_ip[0], fixed_np));
+    ext_sock.send_to(b"early", early)?;
+    let s1 = c.add_pod(1, NS, "udp-1", &[("app", "udp")])?;
+    let udp = service(
+        &c,
+        "udp",
+        json!({"type": "NodePort", "selector": {"app": "udp"},
+               "ports": [{"name": "udp", "port": 53, "protocol": "UDP", "targetPort": "udp", "nodePort": fixed_np}]}),
+    )?;
+    let udp_ip = cluster_ip(&udp)?;
+    let pod_sock = in_netns(&c1.netns, || UdpSocket::bind("0.0.0.0:40001"))??;
+    pod_sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let vip = SocketAddr::from((udp_ip, 53));
+    let took = follow_udp(&ext_sock, early, "udp-1")?;
+    println!("UDP NodePort first endpoint reached from a fixed source port after {took:.1}s");
+    follow_udp(&pod_sock, vip, "udp-1")?;
+    c.unwire_pod(&s1)?;
+    let _s2 = c.add_pod(0, NS, "udp-2", &[("app", "udp")])?;
+    let via_vip = follow_udp(&pod_sock, vip, "udp-2")?;
+    let via_np = follow_udp(&ext_sock, early, "udp-2")?;
+    println!("UDP server replaced: ClusterIP client moved after {via_vip:.1}s, NodePort client after {via_np:.1}s");
+    let (_, metrics) = http_status(&c.nodes[0].netns.clone(), node_ip[0], 10256, "/metrics")?;
+    let deleted = metric(&metrics, "weft_conntrack_entries_deleted_total")?;
+    ensure!(deleted >= 2.0, "node-1 deleted {deleted} conntrack entries, expected the early NodePort one and the old backend's");
+    println!(
+        "all policy/readiness/hairpin/UDP checks: ok ({:.1}s)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Keep sending from one socket (one source port) until `name` answers;
+/// seconds it took. A stale conntrack entry would keep the answers away for
+/// as long as the client keeps sending.
+fn follow_udp(sock: &UdpSocket, to: SocketAddr, name: &str) -> Result<f64> {
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    let mut last = String::new();
+    while start.elapsed() < WAIT {
+        sock.send_to(b"x", to)?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            last = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if last == format!("{name}:x") {
+                return Ok(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    bail!("{to}: {name} never answered the fixed-port client (last answer {last:?})")
+}

@@ -161,6 +161,8 @@ struct NodeLoop {
     cfg: overlay::OverlayConfig,
     links: NetlinkLinks,
     cluster: Ipv4Network,
+    /// iptables of the host's mode (the pod masquerade chain).
+    ipt: weft_agent::dataplane::netfilter::Iptables,
     dns: node::DnsConfig,
     state_path: PathBuf,
     last_error: Option<String>,
@@ -170,7 +172,10 @@ struct NodeLoop {
 }
 
 impl NodeLoop {
-    async fn new(args: &Args) -> anyhow::Result<NodeLoop> {
+    async fn new(
+        args: &Args,
+        mode: weft_agent::dataplane::netfilter::Mode,
+    ) -> anyhow::Result<NodeLoop> {
         let links = NetlinkLinks::new().context("opening netlink")?;
         let underlay_mtu = match args.underlay_mtu {
             Some(m) => m,
@@ -190,6 +195,7 @@ impl NodeLoop {
             },
             links,
             cluster: args.cluster_cidr,
+            ipt: weft_agent::dataplane::netfilter::Iptables { mode },
             dns: node::DnsConfig {
                 nameserver: args.cluster_dns,
                 domain: args.cluster_domain.clone(),
@@ -269,8 +275,11 @@ impl NodeLoop {
             }
             Err(e) => errors.push(e.to_string()),
         }
-        if let Err(e) = node::ensure_masquerade(self.cluster) {
-            errors.push(e.to_string());
+        let (ipt, cluster) = (self.ipt.clone(), self.cluster);
+        match tokio::task::spawn_blocking(move || node::ensure_masquerade(&ipt, cluster)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(e) => errors.push(format!("masquerade task: {e}")),
         }
         match node::write_atomic(
             &self.state_path,
@@ -384,12 +393,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding --health-listen {}", args.health_listen))?;
         tokio::spawn(weft_agent::health::serve(listener, health.clone(), metrics.clone()));
+        let mode = match args.iptables_mode.as_str() {
+            "auto" => weft_agent::dataplane::netfilter::Mode::detect(),
+            m => m.parse().map_err(anyhow::Error::msg)?,
+        };
+        tracing::info!(mode = mode.as_str(), dataplane = %args.dataplane, "iptables mode");
         if args.dataplane == "iptables" {
-            let mode = match args.iptables_mode.as_str() {
-                "auto" => weft_agent::dataplane::netfilter::Mode::detect(),
-                m => m.parse().map_err(anyhow::Error::msg)?,
-            };
-            tracing::info!(mode = mode.as_str(), "iptables service dataplane");
             let dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
             let cfg = weft_agent::dataplane::driver::DriverConfig {
                 plan: plan_cfg.clone(),
@@ -406,7 +415,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             tokio::spawn(weft_agent::dataplane::driver::run(dp, cfg, shared));
         }
-        let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args).await?) };
+        let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args, mode).await?) };
         let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
         loop {
             let mut force = false;

@@ -2,6 +2,7 @@
 //! traffic leaving the cluster CIDR, and the node state file the CNI plugin
 //! reads (so pods can be wired while the agent restarts).
 
+use crate::dataplane::netfilter::{split_rule, Iptables};
 use crate::overlay::{Desired, BRIDGE};
 use ipnetwork::Ipv4Network;
 use std::io::Write;
@@ -103,47 +104,44 @@ pub fn masquerade_rules(cluster: Ipv4Network) -> Vec<String> {
     ]
 }
 
-/// Ensure our chain exists with exactly our rules and is jumped to from POSTROUTING.
-pub fn ensure_masquerade(cluster: Ipv4Network) -> Result<(), NodeError> {
-    let err = |chain: &'static str, e: Box<dyn std::error::Error>| NodeError::Iptables {
+/// Ensure our chain exists with exactly our rules and is jumped to from
+/// POSTROUTING, with the iptables of the dataplane's mode. Blocking (it runs
+/// iptables, waiting at most a few seconds for the xtables lock).
+pub fn ensure_masquerade(ipt: &Iptables, cluster: Ipv4Network) -> Result<(), NodeError> {
+    let err = |chain: &'static str, e: crate::dataplane::netfilter::Error| NodeError::Iptables {
         table: "nat",
         chain,
         reason: e.to_string(),
     };
-    let ipt = iptables::new(false).map_err(|e| err(MASQ_CHAIN, e))?;
-    if !ipt
-        .chain_exists("nat", MASQ_CHAIN)
-        .map_err(|e| err(MASQ_CHAIN, e))?
-    {
-        ipt.new_chain("nat", MASQ_CHAIN)
-            .map_err(|e| err(MASQ_CHAIN, e))?;
-    }
     let want = masquerade_rules(cluster);
-    let have: Vec<String> = ipt
-        .list("nat", MASQ_CHAIN)
-        .map_err(|e| err(MASQ_CHAIN, e))?
-        .into_iter()
-        .filter(|r| r.starts_with("-A "))
-        .collect();
-    let matches = have.len() == want.len()
-        && want
-            .iter()
-            .all(|w| ipt.exists("nat", MASQ_CHAIN, w).unwrap_or(false));
-    if !matches {
-        ipt.flush_chain("nat", MASQ_CHAIN)
-            .map_err(|e| err(MASQ_CHAIN, e))?;
+    let have = ipt.chain_rules("nat", MASQ_CHAIN);
+    let current = have.as_ref().is_some_and(|h| {
+        h.len() == want.len()
+            && want.iter().all(|w| {
+                let words = split_rule(w);
+                let mut args = vec!["-t", "nat", "-C", MASQ_CHAIN];
+                args.extend(words.iter().map(String::as_str));
+                ipt.run(&args).is_ok()
+            })
+    });
+    if !current {
+        // One transaction: the chain is (re)created with exactly our rules.
+        let mut input = format!("*nat\n:{MASQ_CHAIN} - [0:0]\n");
         for r in &want {
-            ipt.append("nat", MASQ_CHAIN, r)
-                .map_err(|e| err(MASQ_CHAIN, e))?;
+            input.push_str(&format!("-A {MASQ_CHAIN} {r}\n"));
         }
+        input.push_str("COMMIT\n");
+        ipt.restore(&input).map_err(|e| err(MASQ_CHAIN, e))?;
     }
-    let jump = format!("-m comment --comment \"weft: masquerade\" -j {MASQ_CHAIN}");
-    if !ipt
-        .exists("nat", "POSTROUTING", &jump)
-        .map_err(|e| err("POSTROUTING", e))?
-    {
-        ipt.append("nat", "POSTROUTING", &jump)
-            .map_err(|e| err("POSTROUTING", e))?;
+    let words = split_rule(&format!(
+        "-m comment --comment \"weft: masquerade\" -j {MASQ_CHAIN}"
+    ));
+    let mut check = vec!["-t", "nat", "-C", "POSTROUTING"];
+    check.extend(words.iter().map(String::as_str));
+    if ipt.run(&check).is_err() {
+        let mut add = vec!["-t", "nat", "-A", "POSTROUTING"];
+        add.extend(words.iter().map(String::as_str));
+        ipt.run(&add).map_err(|e| err("POSTROUTING", e))?;
     }
     Ok(())
 }

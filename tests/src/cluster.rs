@@ -729,6 +729,9 @@ impl Cluster {
             .arg("--ipam-dir")
             .arg(node.ipam_dir())
             .args(["--resync-seconds", &RESYNC_SECONDS.to_string()])
+            // Each simulated node is its own host: its own xtables lock (the
+            // default /run/xtables.lock is shared by every namespace).
+            .env("XTABLES_LOCKFILE", node.dir.join("xtables.lock"))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

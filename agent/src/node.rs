@@ -159,6 +159,7 @@ mod tests {
             local_ip: "198.18.0.11".parse().unwrap(),
             vtep_mac: [2, 0, 0, 0, 0, 1],
             bridge_mac: [2, 0, 0, 0, 0, 2],
+            vtep_addr: "198.18.128.0/32".parse().unwrap(),
             peers: vec![],
         };
         let dns = DnsConfig {

@@ -63,6 +63,7 @@ fn desired(peers: usize) -> Desired {
         gateway: "198.18.128.1/24".parse().unwrap(),
         mtu: 1450,
         local_ip: "198.18.0.11".parse().unwrap(),
+        vtep_addr: "198.18.128.0/32".parse().unwrap(),
         vtep_mac: vtep_mac("node-1"),
         bridge_mac: weft_agent::overlay::bridge_mac("node-1"),
         peers: (0..peers)
@@ -103,7 +104,7 @@ fn overlay_is_programmed_repaired_and_stable() {
         })
     });
     assert!(first.errors.is_empty(), "{:?}", first.errors);
-    assert_eq!(first.applied.len(), 3 + 2 * 3, "{:?}", first.applied);
+    assert_eq!(first.applied.len(), 4 + 2 * 3, "{:?}", first.applied);
     assert!(
         second.applied.is_empty(),
         "a second pass changes nothing: {:?}",
@@ -129,6 +130,8 @@ fn overlay_is_programmed_repaired_and_stable() {
     assert!(fdb.contains("dst 198.18.0.12"), "{fdb}");
     let addr = ns.exec(&["ip", "-4", "addr", "show", "dev", "weft0"]);
     assert!(addr.contains("198.18.128.1/24"), "{addr}");
+    let addr = ns.exec(&["ip", "-4", "addr", "show", "dev", "weft.1"]);
+    assert!(addr.contains("198.18.128.0/32"), "the VTEP address: {addr}");
 
     // hand-made damage is repaired with exactly the missing pieces
     ns.exec(&["ip", "route", "del", "198.18.130.0/24", "dev", "weft.1"]);
@@ -163,7 +166,7 @@ fn overlay_is_programmed_repaired_and_stable() {
             (back, shrink, links.observe().await.unwrap())
         })
     });
-    assert_eq!(back.applied.len(), 1 + 2 * 3, "{:?}", back.applied);
+    assert_eq!(back.applied.len(), 2 + 2 * 3, "{:?}", back.applied);
     assert!(shrink
         .applied
         .iter()
@@ -186,6 +189,7 @@ fn node_desired(me: usize, nodes: usize) -> Desired {
         gateway: format!("198.18.{}.1/24", 127 + me).parse().unwrap(),
         mtu: 1450,
         local_ip: format!("198.18.0.{}", 10 + me).parse().unwrap(),
+        vtep_addr: format!("198.18.{}.0/32", 127 + me).parse().unwrap(),
         vtep_mac: vtep_mac(&name(me)),
         bridge_mac: weft_agent::overlay::bridge_mac(&name(me)),
         peers: (1..=nodes)

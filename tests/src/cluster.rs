@@ -379,6 +379,8 @@ pub struct Node {
     agent: Option<Child>,
     /// How many times the agent was started (its log is `agent.<n>.log`).
     pub agent_starts: usize,
+    /// Extra flags for the agent's next start.
+    pub agent_args: Vec<String>,
     host_workload: Option<Child>,
 }
 
@@ -589,6 +591,7 @@ impl Cluster {
                 pod_cidr: String::new(),
                 agent: None,
                 agent_starts: 0,
+                agent_args: Vec::new(),
                 host_workload: None,
                 name,
                 dir,
@@ -732,6 +735,7 @@ impl Cluster {
             // Each simulated node is its own host: its own xtables lock (the
             // default /run/xtables.lock is shared by every namespace).
             .env("XTABLES_LOCKFILE", node.dir.join("xtables.lock"))
+            .args(&node.agent_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -162,7 +162,20 @@ fn services_cluster_ips_node_ports_affinity_and_type_changes() -> Result<()> {
         lo != Connect::Connected,
         "NodePort answered on 127.0.0.1: {lo:?}"
     );
-    println!("NodePort from outside, a pod and the node: ok");
+    // ... unless enabled: node-2's agent restarted with --localhost-node-ports.
+    c.kill_agent(1);
+    c.nodes[1].agent_args = vec!["--localhost-node-ports".into()];
+    c.start_agent(1)?;
+    let node1 = c.nodes[1].netns.clone();
+    let seen = eventually("NodePort on 127.0.0.1", WAIT, || {
+        let seen = spread(&node1, Ipv4Addr::LOCALHOST, np, 20)?;
+        ensure!(
+            seen.len() == 3,
+            "20 connections to 127.0.0.1:{np} reached only {seen:?}"
+        );
+        Ok(seen)
+    })?;
+    println!("NodePort from outside, a pod and the node; on 127.0.0.1 only when enabled (reached {seen:?}): ok");
 
     // Session affinity ClientIP: one backend per client until the timeout.
     let sticky = service(

@@ -76,6 +76,7 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             last_full = Instant::now();
         }
         let ipam_dir = cfg.ipam_dir.clone();
+        let localhost_node_ports = cfg.plan.localhost_node_ports;
         let started = Instant::now();
         let job = tokio::task::spawn_blocking(move || {
             let mut damage = None;
@@ -85,7 +86,12 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             } else if verify {
                 damage = dp.check();
             }
-            let sysctl = super::netfilter::ensure_route_localnet(crate::overlay::BRIDGE);
+            // Local pods (hostPorts; NodePorts when enabled on localhost) over
+            // the bridge, remote ones over VXLAN (only for localhost NodePorts).
+            let mut sysctl = super::netfilter::ensure_route_localnet(crate::overlay::BRIDGE);
+            if localhost_node_ports && sysctl.is_ok() {
+                sysctl = super::netfilter::ensure_route_localnet(crate::overlay::VXLAN);
+            }
             let (chains, conflicts) = hostport_chains(&ipam_dir);
             let result = dp.apply(&plan, chains);
             (dp, damage, conflicts, result, sysctl)

@@ -71,6 +71,20 @@ impl Links for FakeLinks {
                 .ok_or_else(|| missing(op, "bridge"))?
                 .addrs
                 .retain(|x| x != a),
+            Op::AddVxlanAddr(a) => k
+                .vxlan
+                .as_mut()
+                .ok_or_else(|| missing(op, "vxlan"))?
+                .0
+                .addrs
+                .push(*a),
+            Op::DelVxlanAddr(a) => k
+                .vxlan
+                .as_mut()
+                .ok_or_else(|| missing(op, "vxlan"))?
+                .0
+                .addrs
+                .retain(|x| x != a),
             Op::DeleteVxlan => {
                 k.vxlan = None;
                 k.routes.clear();

@@ -107,6 +107,10 @@ pub struct Desired {
     pub gateway: Ipv4Network,
     pub mtu: u32,
     pub local_ip: Ipv4Addr,
+    /// The VXLAN device's address: the subnet's network address as a /32
+    /// (flannel's scheme). Traffic the node sends or masquerades into the
+    /// overlay leaves with it, so the answers come back through the overlay.
+    pub vtep_addr: Ipv4Network,
     pub vtep_mac: Mac,
     pub bridge_mac: Mac,
     pub peers: Vec<Peer>,
@@ -187,6 +191,12 @@ pub fn plan(view: &NodeView, cfg: &OverlayConfig) -> Result<(Desired, Vec<String
             gateway,
             mtu: cfg.mtu(),
             local_ip: cfg.node_ip,
+            vtep_addr: Ipv4Network::new(subnet.network(), 32).map_err(|_| {
+                PlanError::BadSubnet {
+                    node: cfg.node.clone(),
+                    value: raw.clone(),
+                }
+            })?,
             vtep_mac: vtep_mac(&cfg.node),
             bridge_mac: bridge_mac(&cfg.node),
             peers,
@@ -258,6 +268,8 @@ pub enum Op {
     },
     AddBridgeAddr(Ipv4Network),
     DelBridgeAddr(Ipv4Network),
+    AddVxlanAddr(Ipv4Network),
+    DelVxlanAddr(Ipv4Network),
     /// Remove a VXLAN device whose parameters are wrong (it is then recreated).
     DeleteVxlan,
     CreateVxlan {
@@ -322,6 +334,14 @@ pub fn diff(have: &Observed, want: &Desired) -> Vec<Op> {
                 if link.mtu != want.mtu || !link.up {
                     ops.push(Op::SetVxlan { mtu: want.mtu });
                 }
+                if !link.addrs.contains(&want.vtep_addr) {
+                    ops.push(Op::AddVxlanAddr(want.vtep_addr));
+                }
+                for a in &link.addrs {
+                    if *a != want.vtep_addr {
+                        ops.push(Op::DelVxlanAddr(*a));
+                    }
+                }
                 false
             }
         }
@@ -334,6 +354,7 @@ pub fn diff(have: &Observed, want: &Desired) -> Vec<Op> {
             mtu: want.mtu,
             mac: want.vtep_mac,
         });
+        ops.push(Op::AddVxlanAddr(want.vtep_addr));
     }
     // A recreated device starts empty: everything is added afresh.
     let empty = Observed::default();
@@ -560,8 +581,11 @@ mod tests {
         let links = fake::FakeLinks::default();
         let first = reconcile(&links, &want).await.unwrap();
         assert!(first.errors.is_empty());
-        // bridge, its address, the VXLAN device, and per peer: FDB, neighbour, route
-        assert_eq!(first.applied.len(), 3 + 2 * 3);
+        // bridge, its address, the VXLAN device and its address, and per peer: FDB, neighbour, route
+        assert_eq!(first.applied.len(), 4 + 2 * 3);
+        assert!(first
+            .applied
+            .contains(&Op::AddVxlanAddr("198.18.128.0/32".parse().unwrap())));
         // nothing to do the second time (a restart changes nothing that was right)
         assert!(reconcile(&links, &want).await.unwrap().applied.is_empty());
         // a route deleted by hand is put back, and only it
@@ -582,7 +606,7 @@ mod tests {
             k.fdb.clear();
         });
         let again = reconcile(&links, &want).await.unwrap();
-        assert_eq!(again.applied.len(), 1 + 2 * 3);
+        assert_eq!(again.applied.len(), 2 + 2 * 3);
         // a departed node's entries are removed
         let v2 = view(vec![
             node("n1", "198.18.0.11", Some("198.18.128.0/24")),

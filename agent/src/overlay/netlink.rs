@@ -82,6 +82,41 @@ impl NetlinkLinks {
             })
     }
 
+    async fn add_addr(&self, dev: &str, a: &Ipv4Network, op: &Op) -> Result<(), LinksError> {
+        let index = self.index(dev, op).await?;
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(a.ip()), a.prefix())
+            .execute()
+            .await
+            .map_err(|e| nl(format!("{op:?}"), e))
+    }
+
+    async fn del_addr(&self, dev: &str, a: &Ipv4Network, op: &Op) -> Result<(), LinksError> {
+        let index = self.index(dev, op).await?;
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(m) = s.try_next().await.map_err(|e| nl(format!("{op:?}"), e))? {
+            let matches = m.header.prefix_len == a.prefix()
+                && m.attributes.iter().any(
+                    |x| matches!(x, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == a.ip()),
+                );
+            if matches {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(|e| nl(format!("{op:?}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
     async fn addrs(&self, index: u32) -> Result<Vec<Ipv4Network>, LinksError> {
         let mut out = Vec::new();
         let mut s = self
@@ -204,8 +239,9 @@ impl Links for NetlinkLinks {
         let Some(v) = self.link(VXLAN).await? else {
             return Ok(o);
         };
-        let st = link_state(&v);
+        let mut st = link_state(&v);
         let index = st.index;
+        st.addrs = self.addrs(index).await?;
         let Some(params) = vxlan_params(&v) else {
             // Something else is named weft.1: treat it as a wrong device to replace.
             o.vxlan = Some((st, VxlanParams::default()));
@@ -314,37 +350,10 @@ impl Links for NetlinkLinks {
                     .await
                     .map_err(|e| nl(what(), e))
             }
-            Op::AddBridgeAddr(a) => {
-                let index = self.index(BRIDGE, op).await?;
-                self.handle
-                    .address()
-                    .add(index, IpAddr::V4(a.ip()), a.prefix())
-                    .execute()
-                    .await
-                    .map_err(|e| nl(what(), e))
-            }
-            Op::DelBridgeAddr(a) => {
-                let index = self.index(BRIDGE, op).await?;
-                let mut s = self
-                    .handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .execute();
-                while let Some(m) = s.try_next().await.map_err(|e| nl(what(), e))? {
-                    let matches = m.header.prefix_len == a.prefix()
-                        && m.attributes.iter().any(|x| matches!(x, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == a.ip()));
-                    if matches {
-                        self.handle
-                            .address()
-                            .del(m)
-                            .execute()
-                            .await
-                            .map_err(|e| nl(what(), e))?;
-                    }
-                }
-                Ok(())
-            }
+            Op::AddBridgeAddr(a) => self.add_addr(BRIDGE, a, op).await,
+            Op::DelBridgeAddr(a) => self.del_addr(BRIDGE, a, op).await,
+            Op::AddVxlanAddr(a) => self.add_addr(VXLAN, a, op).await,
+            Op::DelVxlanAddr(a) => self.del_addr(VXLAN, a, op).await,
             Op::DeleteVxlan => {
                 let index = self.index(VXLAN, op).await?;
                 self.handle

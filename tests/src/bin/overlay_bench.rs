@@ -107,6 +107,7 @@ fn node_desired(me: usize) -> Desired {
         gateway: format!("198.18.{}.1/24", 127 + me).parse().unwrap(),
         mtu: UNDERLAY_MTU - weft_agent::overlay::VXLAN_OVERHEAD,
         local_ip: format!("198.18.0.{}", 10 + me).parse().unwrap(),
+        vtep_addr: format!("198.18.{}.0/32", 127 + me).parse().unwrap(),
         vtep_mac: vtep_mac(&name(me)),
         bridge_mac: weft_agent::overlay::bridge_mac(&name(me)),
         peers: vec![Peer {

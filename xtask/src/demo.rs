@@ -258,6 +258,7 @@ impl Demo {
         let state = self.snapshot()?;
         checks.extend(self.checks(&state)?);
         checks.extend(self.traffic_checks());
+        checks.extend(self.service_checks(&state));
         checks.extend(self.restart_checks(&state)?);
         print_summary(&self.prefix, &state, &checks);
         // What an operator on node-1 sees of the overlay.
@@ -864,10 +865,25 @@ impl Demo {
         )
     }
 
+    /// `GET http://IP:PORT/path` from inside `netns` (curl); the body.
+    fn http_at(&self, netns: &str, ip: &str, port: u16, path: &str) -> Result<String> {
+        util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["curl", "-sS", "--max-time", "3"])
+                .arg(format!("http://{ip}:{port}{path}")),
+        )
+    }
+
     /// One datagram `hi` to IP:9090 from inside `netns`; the answer.
     fn udp_from(&self, netns: &str, ip: &str) -> Result<String> {
+        self.udp_at(netns, ip, 9090)
+    }
+
+    /// One datagram `hi` to IP:PORT from inside `netns`; the answer.
+    fn udp_at(&self, netns: &str, ip: &str, port: u16) -> Result<String> {
         let script = format!(
-            "exec 3<>/dev/udp/{ip}/9090 && printf hi >&3 && timeout 2 dd bs=512 count=1 status=none <&3"
+            "exec 3<>/dev/udp/{ip}/{port} && printf hi >&3 && timeout 2 dd bs=512 count=1 status=none <&3"
         );
         util::capture(
             Command::new("ip")
@@ -985,6 +1001,104 @@ impl Demo {
         out.push(check(
             bad.is_empty(),
             "pod -> node: every pod pings its node's gateway",
+            bad.join("; "),
+        ));
+        out
+    }
+
+    /// Services through the agents' iptables rules: every pod reaches
+    /// shop/web by its cluster IP (keeping its source) and kube-system/dns
+    /// over UDP; every node answers shop/api's NodePort.
+    fn service_checks(&self, st: &State) -> Vec<Check> {
+        let svc = |ns: &str, name: &str| {
+            st.services.iter().find(|s| {
+                str_at(s, "/metadata/namespace") == ns && str_at(s, "/metadata/name") == name
+            })
+        };
+        let backends = |app: &str| -> Vec<String> {
+            self.pods
+                .iter()
+                .filter(|p| p.name.starts_with(&format!("{app}-")))
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        let web_ip = svc("shop", "web").map(|s| str_at(s, "/spec/clusterIP").to_string());
+        let dns_ip = svc("kube-system", "dns").map(|s| str_at(s, "/spec/clusterIP").to_string());
+        let api_port = svc("shop", "api")
+            .and_then(|s| s.pointer("/spec/ports/0/nodePort"))
+            .and_then(|v| v.as_u64())
+            .map(|p| p as u16);
+        let (Some(web_ip), Some(dns_ip), Some(api_port)) = (web_ip, dns_ip, api_port) else {
+            out.push(check(
+                false,
+                "Services: shop/web, kube-system/dns and shop/api exist",
+                "missing from the API",
+            ));
+            return out;
+        };
+        let (web, dns, api) = (backends("web"), backends("dns"), backends("api"));
+        let (mut bad, mut bad_src, mut bad_udp) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.pods {
+            match retry(|| self.http_at(&p.netns, &web_ip, 80, "/hostname")) {
+                Ok(b) if web.contains(&b.trim().to_string()) => {
+                    seen.insert(b.trim().to_string());
+                }
+                Ok(b) => bad.push(format!("{} -> web: {:?}", p.name, b.trim())),
+                Err(e) => bad.push(format!("{} -> web: {e:#}", p.name)),
+            }
+            // (A web pod may land on itself: hairpin traffic is masqueraded.)
+            let client_ip = || self.http_at(&p.netns, &web_ip, 80, "/clientip");
+            match if web.contains(&p.name) {
+                Ok(p.ip.clone())
+            } else {
+                retry(client_ip)
+            } {
+                Ok(b) if b.trim() == p.ip => {}
+                Ok(b) => bad_src.push(format!("{} -> web saw {:?}", p.name, b.trim())),
+                Err(e) => bad_src.push(format!("{}: {e:#}", p.name)),
+            }
+            match retry(|| self.udp_at(&p.netns, &dns_ip, 53)) {
+                Ok(b) if dns.iter().any(|d| b == format!("{d}:hi")) => {}
+                Ok(b) => bad_udp.push(format!("{} -> dns: {b:?}", p.name)),
+                Err(e) => bad_udp.push(format!("{} -> dns: {e:#}", p.name)),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "pod -> ClusterIP: all {} pods reach shop/web at {web_ip}:80 (answered by {})",
+                self.pods.len(),
+                seen.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+            bad.join("; "),
+        ));
+        out.push(check(
+            bad_src.is_empty(),
+            "pod -> ClusterIP keeps the source address (/clientip via shop/web from the non-web pods)",
+            bad_src.join("; "),
+        ));
+        out.push(check(
+            bad_udp.is_empty(),
+            format!("pod -> ClusterIP over UDP: every pod reaches kube-system/dns at {dns_ip}:53"),
+            bad_udp.join("; "),
+        ));
+        let mut bad = Vec::new();
+        for from in nodes() {
+            for to in nodes() {
+                match retry(|| {
+                    self.http_at(&self.ns(&from.role()), &to.ip(), api_port, "/hostname")
+                }) {
+                    Ok(b) if api.contains(&b.trim().to_string()) => {}
+                    Ok(b) => bad.push(format!("{} -> {}: {:?}", from.name(), to.name(), b.trim())),
+                    Err(e) => bad.push(format!("{} -> {}: {e:#}", from.name(), to.name())),
+                }
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!("NodePort: shop/api answers on :{api_port} of every node, from every node"),
             bad.join("; "),
         ));
         out

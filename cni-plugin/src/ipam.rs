@@ -228,7 +228,8 @@ impl Ipam {
         Err(IpamError::Exhausted { subnet })
     }
 
-    fn write_claim(&self, ip: Ipv4Addr, body: &str) -> io::Result<()> {
+    /// The claim's content in a temporary file next to it (synced when durable).
+    fn write_tmp(&self, ip: Ipv4Addr, body: &str) -> io::Result<std::path::PathBuf> {
         let tmp = self.dir.join(format!("{TMP_PREFIX}{ip}"));
         let mut f = OpenOptions::new()
             .create(true)
@@ -239,7 +240,11 @@ impl Ipam {
         if self.durable {
             f.sync_data()?;
         }
-        drop(f);
+        Ok(tmp)
+    }
+
+    fn write_claim(&self, ip: Ipv4Addr, body: &str) -> io::Result<()> {
+        let tmp = self.write_tmp(ip, body)?;
         let linked = fs::hard_link(&tmp, self.dir.join(ip.to_string()));
         let _ = fs::remove_file(&tmp);
         linked?;
@@ -248,17 +253,7 @@ impl Ipam {
 
     /// Atomically replace an existing claim (the caller holds the lock).
     fn replace_claim(&self, ip: Ipv4Addr, body: &str) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{ip}"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)?;
-        f.write_all(body.as_bytes())?;
-        if self.durable {
-            f.sync_data()?;
-        }
-        drop(f);
+        let tmp = self.write_tmp(ip, body)?;
         if let Err(e) = fs::rename(&tmp, self.dir.join(ip.to_string())) {
             let _ = fs::remove_file(&tmp);
             return Err(e);

@@ -101,8 +101,14 @@ pub fn connect_from(netns: &str, addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// `GET path` over HTTP/1.1 from inside `netns`; Ok(body) for a 200.
-pub fn http_get(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<Vec<u8>> {
+/// `GET path` over HTTP/1.1 from inside `netns`: the status code and the
+/// body, whatever the code (the body checked against Content-Length).
+pub fn http_status_bytes(
+    netns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    path: &str,
+) -> Result<(u16, Vec<u8>)> {
     let addr = SocketAddr::from((ip, port));
     let mut s = connect_from(netns, addr)?;
     write!(
@@ -118,12 +124,11 @@ pub fn http_get(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<Vec<
         .with_context(|| format!("GET {path} from {addr}: no HTTP header in the answer"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = raw[split + 4..].to_vec();
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "GET {path} from {addr} (from {netns}): {}",
-            head.lines().next().unwrap_or("")
-        );
-    }
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} from {addr}: not HTTP: {head:?}"))?;
     if let Some(len) = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -136,7 +141,22 @@ pub fn http_get(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<Vec<
             );
         }
     }
+    Ok((code, body))
+}
+
+/// `GET path` over HTTP/1.1 from inside `netns`; Ok(body) for a 200.
+pub fn http_get(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<Vec<u8>> {
+    let (code, body) = http_status_bytes(netns, ip, port, path)?;
+    if code != 200 {
+        bail!("GET {path} from {ip}:{port} (from {netns}): HTTP {code}");
+    }
     Ok(body)
+}
+
+/// `GET path` from inside `netns`: the status code and the body as text.
+pub fn http_status(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
+    let (code, body) = http_status_bytes(netns, ip, port, path)?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// What a TCP connect from inside a namespace ran into.
@@ -161,29 +181,6 @@ pub fn try_connect(netns: &str, addr: SocketAddr, timeout: Duration) -> Connect 
         },
         Err(e) => Connect::Failed(format!("{e:#}")),
     }
-}
-
-/// `GET path` from inside `netns`: the status code and the body, whatever the code.
-pub fn http_status(netns: &str, ip: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
-    let addr = SocketAddr::from((ip, port));
-    let mut s = connect_from(netns, addr)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("GET {path} from {addr}: not HTTP: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
 }
 
 /// Poll `f` every 200 ms until it returns Ok or `timeout` passes (then its last error).

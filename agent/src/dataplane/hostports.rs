@@ -34,6 +34,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::SystemTime;
 
+use super::iptables::{hash, proto};
 use weft_model::node_state::{Claim, PortMapping};
 use weft_model::view::Protocol;
 
@@ -178,24 +179,6 @@ fn ordered(ports: &[HostPort]) -> Vec<&HostPort> {
     let mut v: Vec<&HostPort> = ports.iter().collect();
     v.sort_by(|a, b| rule_order(a, b));
     v
-}
-
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::TCP => "tcp",
-        Protocol::UDP => "udp",
-        Protocol::SCTP => "sctp",
-    }
-}
-
-/// FNV-1a, 16 hex digits, as the Service chains are named.
-fn hash(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016X}")
 }
 
 /// The per-mapping chain: `WEFT-HP-` + 16 hex digits (24 characters).

@@ -38,7 +38,7 @@ pub struct Ruleset {
 
 /// A short, stable hash for chain names (FNV-1a, hex, 16 chars): chain names
 /// stay within iptables' 28 characters.
-fn hash(s: &str) -> String {
+pub(super) fn hash(s: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.as_bytes() {
         h ^= *b as u64;
@@ -47,7 +47,7 @@ fn hash(s: &str) -> String {
     format!("{h:016X}")
 }
 
-fn proto(p: Protocol) -> &'static str {
+pub(super) fn proto(p: Protocol) -> &'static str {
     match p {
         Protocol::TCP => "tcp",
         Protocol::UDP => "udp",

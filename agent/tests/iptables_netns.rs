@@ -1,15 +1,55 @@
-//! The rendered rules are accepted by the real iptables-restore, inside a
-//! network namespace this test creates (removed even on failure). Needs root;
-//! otherwise it says "skipped" and why.
+//! The rendered rules are accepted by the real iptables-restore, and the
+//! iptables dataplane's whole life (first sync, hooks, no-op resync, partial
+//! update, repair after a flush, stale chains of an earlier run) works in
+//! both nft and legacy mode, inside network namespaces this test creates
+//! (removed even on failure). Needs root; otherwise it says "skipped" and why.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use weft_agent::dataplane::fixtures;
 use weft_agent::dataplane::iptables::{render, restore_input, Ruleset};
+use weft_agent::dataplane::netfilter::{IptablesDataplane, Mode, CANARY};
 use weft_model::view::{FrontendPort, Protocol, ServiceType};
 use weft_model::{Backend, BackendPort, ServiceEntry};
 
 struct Netns(String);
+
+impl Netns {
+    /// Create `name`, or None when this process may not (not root).
+    fn create(name: String) -> Option<Netns> {
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        ok.then_some(Netns(name))
+    }
+
+    /// Run `f` on a thread inside the namespace (the processes it starts inherit it).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn sh(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
 
 impl Drop for Netns {
     fn drop(&mut self) {
@@ -160,4 +200,141 @@ fn iptables_restore_accepts_full_and_partial_updates() {
         !String::from_utf8_lossy(&filter.stdout).contains("REJECT"),
         "the deleted Service's REJECT is gone"
     );
+}
+
+/// An SCTP port next to the TCP and UDP ones of [`entry`].
+fn with_sctp(mut e: ServiceEntry) -> ServiceEntry {
+    e.ports.push(FrontendPort {
+        name: "sctp".into(),
+        protocol: Protocol::SCTP,
+        port: 3868,
+        node_port: None,
+    });
+    for b in &mut e.backends {
+        b.ports.push(BackendPort {
+            name: "sctp".into(),
+            protocol: Protocol::SCTP,
+            port: 3868,
+        });
+    }
+    e
+}
+
+#[test]
+fn iptables_dataplane_lifecycle_in_both_modes() {
+    for mode in [Mode::Nft, Mode::Legacy] {
+        let Some(ns) = Netns::create(format!("wipd-{}-{}", std::process::id(), mode.as_str()))
+        else {
+            eprintln!("skipped: cannot create a network namespace (not root?)");
+            return;
+        };
+        let save = mode.tool("iptables-save");
+        let one = fixtures::plan(vec![
+            with_sctp(entry(
+                "web",
+                &[
+                    ("198.18.128.5", "node-1", true),
+                    ("198.18.129.5", "node-2", true),
+                ],
+                false,
+                Some(30),
+            )),
+            entry("local", &[("198.18.128.6", "node-1", true)], true, None),
+            entry("none", &[], false, None),
+        ]);
+        let two = fixtures::plan(vec![
+            with_sctp(entry(
+                "web",
+                &[
+                    ("198.18.128.5", "node-1", true),
+                    ("198.18.129.9", "node-2", true),
+                ],
+                false,
+                Some(30),
+            )),
+            entry("local", &[("198.18.128.6", "node-1", true)], true, None),
+        ]);
+        let (first, again, update, damage, repaired) = ns.run(move || {
+            let mut dp = IptablesDataplane::new(mode, fixtures::CLUSTER_CIDR);
+            dp.conntrack = false;
+            let first = dp.apply(&one, BTreeMap::new()).expect("first apply");
+            let again = dp.apply(&one, BTreeMap::new()).expect("second apply");
+            let update = dp.apply(&two, BTreeMap::new()).expect("update");
+            assert_eq!(dp.check(), None, "nothing damaged yet");
+            let flush = Command::new(mode.tool("iptables"))
+                .args(["-t", "nat", "-F"])
+                .status()
+                .unwrap();
+            assert!(flush.success());
+            let damage = dp.check();
+            let repaired = dp.apply(&two, BTreeMap::new()).expect("repair");
+            (first, again, update, damage, repaired)
+        });
+        let m = mode.as_str();
+        assert!(first.full && first.chains > 10, "{m}: {first:?}");
+        assert_eq!(
+            again.chains, 0,
+            "{m}: an unchanged plan rewrites nothing: {again:?}"
+        );
+        assert!(
+            !update.full && update.chains > 0 && update.chains < first.chains / 2,
+            "{m}: only the changed chains (per port of web: its SVC, the new and the old SEP; filter WEFT-SERVICES): {update:?} vs {first:?}"
+        );
+        assert!(
+            damage.is_some_and(|d| d.contains(CANARY)),
+            "{m}: the flush is noticed"
+        );
+        assert!(repaired.full, "{m}: {repaired:?}");
+        let nat = ns.sh(&[&save, "-t", "nat"]);
+        for want in [
+            "-A PREROUTING -m comment --comment \"weft service portals\" -j WEFT-SERVICES",
+            "-A OUTPUT -m comment --comment \"weft service portals\" -j WEFT-SERVICES",
+            "-A POSTROUTING -m comment --comment \"weft service SNAT\" -j WEFT-SNAT",
+            "198.18.129.9:8080",
+            "-p sctp -m sctp --dport 3868",
+        ] {
+            assert!(
+                nat.contains(want),
+                "{m}: {want:?} missing after the repair:\n{nat}"
+            );
+        }
+        assert!(
+            !nat.contains("198.18.129.5:8080"),
+            "{m}: the removed endpoint's chain is gone"
+        );
+        let pre: Vec<&str> = nat
+            .lines()
+            .filter(|l| l.starts_with("-A PREROUTING"))
+            .collect();
+        assert!(
+            pre.len() == 2
+                && pre[0].ends_with("WEFT-SERVICES")
+                && pre[1].ends_with("WEFT-HOSTPORTS"),
+            "{m}: {pre:?}"
+        );
+        // A new agent (a restart) with a smaller plan removes the chains it no longer wants.
+        let (restart, stale) = ns.run(move || {
+            let mut dp = IptablesDataplane::new(mode, fixtures::CLUSTER_CIDR);
+            dp.conntrack = false;
+            let r = dp
+                .apply(&fixtures::plan(vec![]), BTreeMap::new())
+                .expect("restart");
+            let stale = Command::new(mode.tool("iptables-save")).output().unwrap();
+            (r, String::from_utf8_lossy(&stale.stdout).into_owned())
+        });
+        assert!(restart.full, "{m}");
+        assert!(
+            !stale.contains("WEFT-SVC-") && !stale.contains("WEFT-SEP-"),
+            "{m}: stale chains left:\n{stale}"
+        );
+        assert_eq!(
+            stale.matches("-j WEFT-SERVICES").count(),
+            5, // nat PREROUTING and OUTPUT, filter INPUT, FORWARD and OUTPUT
+            "{m}: hooks not duplicated:\n{stale}"
+        );
+        println!(
+            "{m}: first sync {} chains, update {} chains, flush repaired",
+            first.chains, update.chains
+        );
+    }
 }

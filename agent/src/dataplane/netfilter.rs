@@ -125,10 +125,16 @@ impl Iptables {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn)?;
+        // A tool that exits early (e.g. it could not take the xtables lock)
+        // closes its input: its own message says why, not the broken pipe.
+        let mut write_err = None;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).map_err(spawn)?;
+            write_err = pipe.write_all(input.as_bytes()).err();
         }
         let out = child.wait_with_output().map_err(spawn)?;
+        if let (Some(e), true) = (write_err, out.status.success()) {
+            return Err(spawn(e));
+        }
         if !out.status.success() {
             return Err(Error::Failed {
                 tool,

@@ -7,10 +7,10 @@
 //! nat: `WEFT-SERVICES` (from PREROUTING and OUTPUT) matches cluster IPs,
 //! external and load-balancer IPs, then local destinations to
 //! `WEFT-NODEPORTS`; `WEFT-SVC-*` (internal endpoints, masquerading sources
-//! outside the cluster CIDR), `WEFT-EXT-*` (external traffic policy),
-//! `WEFT-SVL-*` (local endpoints), `WEFT-SEP-*` (one endpoint: hairpin
-//! masquerade, DNAT, affinity), `WEFT-MARK-MASQ`, `WEFT-SNAT` (the
-//! overlay's pod masquerade owns `WEFT-POSTROUTING`).
+//! outside the cluster CIDR; each endpoint rule translates in place, no
+//! chain per endpoint), `WEFT-EXT-*` (external traffic policy),
+//! `WEFT-SVL-*` (local endpoints), `WEFT-MARK-MASQ`, `WEFT-SNAT` (marked
+//! traffic and hairpin; the overlay's pod masquerade owns `WEFT-POSTROUTING`).
 //! A Local traffic policy with no local endpoint jumps to `WEFT-MARK-DROP`.
 //! filter: `WEFT-SERVICES` rejects frontends with no usable endpoint,
 //! `WEFT-FIREWALL` drops what was marked for dropping, `WEFT-FORWARD`
@@ -131,11 +131,11 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
             } else {
                 masq.clone()
             };
-            cluster_rules.extend(spread(&pb.cluster, &id, p, affinity, &mut rs));
+            cluster_rules.extend(spread(&pb.cluster, &id, p, affinity));
             rs.nat.insert(svc_chain.clone(), cluster_rules);
             if (svc.internal_local || svc.external_local) && !local.is_empty() {
                 let mut rules = if svc.internal_local { masq } else { Vec::new() };
-                rules.extend(spread(local, &id, p, affinity, &mut rs));
+                rules.extend(spread(local, &id, p, affinity));
                 rs.nat.insert(svl_chain.clone(), rules);
             }
             let local_or_drop = if local.is_empty() {
@@ -202,14 +202,14 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
         "WEFT-MARK-DROP".into(),
         vec![format!("-j MARK --or-mark {DROP_BIT}")],
     );
-    rs.nat.insert(
-        "WEFT-SNAT".into(),
-        vec![
-            format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
-            format!("-j MARK --xor-mark {MASQ_BIT}"),
-            "-m comment --comment \"weft service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
-        ],
-    );
+    let mut snat = hairpin(plan);
+    snat.extend([
+        format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
+        format!("-j MARK --xor-mark {MASQ_BIT}"),
+        "-m comment --comment \"weft service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+            .into(),
+    ]);
+    rs.nat.insert("WEFT-SNAT".into(), snat);
     rs.filter.insert("WEFT-SERVICES".into(), reject);
     rs.filter.insert(
         "WEFT-FIREWALL".into(),
@@ -232,52 +232,68 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
     rs
 }
 
-/// The DNAT chains (`WEFT-SEP-*`) for `targets`, and the rules that spread
-/// connections evenly over them (statistic mode random), for the calling chain.
-fn spread(
-    targets: &[Target],
-    id: &str,
-    p: &str,
-    affinity: Option<u32>,
-    rs: &mut Ruleset,
-) -> Vec<String> {
+/// The rules that spread connections evenly over `targets` (statistic mode
+/// random), each translating in place: no chain per endpoint, which keeps
+/// the chain count — what iptables-nft pays for most — at one per Service
+/// port. With affinity, a client seen within the timeout goes back to its
+/// endpoint (an `xt_recent` list per endpoint, named like kube-proxy's
+/// endpoint chains).
+fn spread(targets: &[Target], id: &str, p: &str, affinity: Option<u32>) -> Vec<String> {
     let mut rules = Vec::new();
     let n = targets.len();
-    let seps: Vec<String> = targets
+    let lists: Vec<String> = targets
         .iter()
         .map(|t| format!("WEFT-SEP-{}", hash(&format!("{id}@{}:{}", t.ip, t.port))))
         .collect();
+    let dnat = |t: &Target| format!("-m {p} -j DNAT --to-destination {}:{}", t.ip, t.port);
     if let Some(timeout) = affinity {
-        // A client seen recently goes back to the same endpoint.
-        for sep in &seps {
+        for (t, list) in targets.iter().zip(&lists) {
+            // Checked, then refreshed (kube-proxy's endpoint chain sets it on
+            // every pass): the timeout runs from the client's last connection.
             rules.push(format!(
-                "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
+                "-p {p} -m recent --name {list} --rcheck --seconds {timeout} --reap -m recent --name {list} --set {}",
+                dnat(t)
             ));
         }
     }
-    for (i, (t, sep)) in targets.iter().zip(&seps).enumerate() {
+    for (i, (t, list)) in targets.iter().zip(&lists).enumerate() {
         let left = n - i;
-        if left > 1 {
-            rules.push(format!(
-                "-m statistic --mode random --probability {:.10} -j {sep}",
+        let pick = if left > 1 {
+            format!(
+                "-m statistic --mode random --probability {:.10} ",
                 1.0 / left as f64
-            ));
-        } else {
-            rules.push(format!("-j {sep}"));
-        }
-        let mut sep_rules = vec![format!("-s {}/32 -j WEFT-MARK-MASQ", t.ip)];
-        let recent = if affinity.is_some() {
-            format!("-m recent --name {sep} --set ")
+            )
         } else {
             String::new()
         };
-        sep_rules.push(format!(
-            "-p {p} {recent}-m {p} -j DNAT --to-destination {}:{}",
-            t.ip, t.port
-        ));
-        rs.nat.insert(sep.clone(), sep_rules);
+        let remember = if affinity.is_some() {
+            format!("-m recent --name {list} --set ")
+        } else {
+            String::new()
+        };
+        rules.push(format!("-p {p} {pick}{remember}{}", dnat(t)));
     }
     rules
+}
+
+/// Hairpin: a pod translated to itself leaves with the node's address, or
+/// its answer would skip the translation. After DNAT, source and destination
+/// are the same pod only then; one rule per local endpoint address.
+fn hairpin(plan: &ServicePlan) -> Vec<String> {
+    let local: BTreeSet<std::net::IpAddr> = plan
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter())
+        .flat_map(|b| b.cluster.iter().chain(&b.internal).chain(&b.external))
+        .filter(|t| t.local)
+        .map(|t| t.ip)
+        .collect();
+    local
+        .into_iter()
+        .map(|ip| {
+            format!("-s {ip}/32 -d {ip}/32 -m conntrack --ctstate DNAT -m comment --comment \"hairpin\" -j MASQUERADE --random-fully")
+        })
+        .collect()
 }
 
 /// `iptables-restore --noflush` input that makes `want` current given that
@@ -372,16 +388,23 @@ mod tests {
         let rules = &rs.nat[svc_chain];
         assert!(rules[0].starts_with("! -s 198.18.128.0/17"));
         assert!(rules[1].contains("--probability 0.5000000000"));
-        assert!(rules[2].starts_with("-j WEFT-SEP-"));
-        let sep = rs
-            .nat
-            .iter()
-            .find(|(k, v)| k.starts_with("WEFT-SEP-") && v[1].contains("198.18.129.5:8080"))
-            .unwrap()
-            .1;
+        assert!(
+            rules[2].starts_with("-p tcp -m tcp -j DNAT --to-destination 198.18."),
+            "the endpoints translate in place, no chain per endpoint: {rules:?}"
+        );
+        assert!(!rs.nat.keys().any(|k| k.starts_with("WEFT-SEP-")));
+        // Hairpin: the local endpoint talking to itself after DNAT is masqueraded.
+        let snat = &rs.nat["WEFT-SNAT"];
+        assert!(
+            snat[0]
+                .starts_with("-s 198.18.128.5/32 -d 198.18.128.5/32 -m conntrack --ctstate DNAT")
+                && snat[0].contains("MASQUERADE"),
+            "{snat:?}"
+        );
         assert_eq!(
-            sep[0], "-s 198.18.129.5/32 -j WEFT-MARK-MASQ",
-            "hairpin is masqueraded"
+            snat.len(),
+            4,
+            "only local endpoints get a hairpin rule: {snat:?}"
         );
         assert!(rs.filter["WEFT-SERVICES"].is_empty());
     }
@@ -426,21 +449,27 @@ mod tests {
             Some(60),
         )]);
         let svc_chain = rs.nat.keys().find(|k| k.starts_with("WEFT-SVC-")).unwrap();
-        assert!(rs.nat[svc_chain][1].contains("--rcheck --seconds 60"));
-        let sep = rs
-            .nat
-            .iter()
-            .find(|(k, _)| k.starts_with("WEFT-SEP-"))
-            .unwrap()
-            .1;
-        assert!(sep[1].contains("-m recent --name WEFT-SEP-") && sep[1].contains("--set"));
+        let rules = &rs.nat[svc_chain];
+        // a returning client: checked and refreshed, straight to its endpoint
+        assert!(
+            rules[1].contains("-m recent --name WEFT-SEP-")
+                && rules[1].contains("--rcheck --seconds 60 --reap")
+                && rules[1].contains("--set")
+                && rules[1].ends_with("-j DNAT --to-destination 198.18.128.5:8080"),
+            "{rules:?}"
+        );
+        // a new client: remembered as it is sent
+        assert!(
+            rules[2].contains("--set") && !rules[2].contains("--rcheck"),
+            "{rules:?}"
+        );
     }
 
     #[test]
     fn restore_rewrites_only_changed_chains() {
         let a = render_of(vec![
             svc("one", vec![be("198.18.128.5", "node-1", true)], false, None),
-            svc("two", vec![be("198.18.128.6", "node-1", true)], false, None),
+            svc("two", vec![be("198.18.129.6", "node-2", true)], false, None),
         ]);
         assert!(
             restore_input(&a, &a).is_none(),
@@ -448,17 +477,17 @@ mod tests {
         );
         let first = restore_input(&Ruleset::default(), &a).unwrap();
         assert!(first.starts_with("*nat\n") && first.contains("COMMIT"));
-        // one endpoint of "two" changes: its SVC chain and the new SEP change, the old SEP goes
+        // a (remote) endpoint of "two" changes: only its SVC chain changes
         let b = render_of(vec![
             svc("one", vec![be("198.18.128.5", "node-1", true)], false, None),
-            svc("two", vec![be("198.18.128.7", "node-1", true)], false, None),
+            svc("two", vec![be("198.18.129.7", "node-2", true)], false, None),
         ]);
         let delta = restore_input(&a, &b).unwrap();
         let flushed: Vec<&str> = delta.lines().filter(|l| l.starts_with(':')).collect();
-        assert_eq!(flushed.len(), 3, "{delta}");
+        assert_eq!(flushed.len(), 1, "{delta}");
         assert_eq!(
             delta.lines().filter(|l| l.starts_with("-X ")).count(),
-            1,
+            0,
             "{delta}"
         );
         assert!(!delta.contains("*filter"), "{delta}");

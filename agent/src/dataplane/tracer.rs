@@ -124,9 +124,10 @@ fn verdict(svc: &PlannedService, kind: FrontendKind, port_index: usize, p: &Pack
             .iter()
             .map(|t| Candidate {
                 target: t.clone(),
-                // A pod reaching itself through its Service (hairpin) must be
-                // masqueraded, or its reply would skip the translation.
-                masquerade: masq_all || src_ip == Some(t.ip),
+                // A pod of this node reaching itself through its Service
+                // (hairpin) must be masqueraded, or its reply would skip the
+                // translation. (A remote pod is translated by its own node.)
+                masquerade: masq_all || (t.local && src_ip == Some(t.ip)),
             })
             .collect(),
         affinity_timeout: svc.affinity_timeout,

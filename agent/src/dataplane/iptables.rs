@@ -75,121 +75,54 @@ fn comment(svc: &PlannedService, i: usize) -> String {
     }
 }
 
+/// One Service's share of the ruleset: its own nat chains and its rules in
+/// the shared chains. Rendered once per Service change and kept by the
+/// dataplane, so a change costs one Service, not the whole plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRules {
+    /// Its own nat chains (`WEFT-SVC-*`, `WEFT-SVL-*`, `WEFT-EXT-*`).
+    pub chains: Vec<(String, Vec<String>)>,
+    /// Its rules in nat `WEFT-SERVICES`.
+    pub services: Vec<String>,
+    /// Its rules in nat `WEFT-NODEPORTS`.
+    pub nodeports: Vec<String>,
+    /// Its rules in filter `WEFT-SERVICES` (no usable endpoint: REJECT).
+    pub reject: Vec<String>,
+    /// Its local endpoint addresses (hairpin rules in `WEFT-SNAT`).
+    pub local: Vec<std::net::IpAddr>,
+}
+
 /// Render the whole plan.
 pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
+    let parts: Vec<ServiceRules> = plan
+        .services
+        .iter()
+        .map(|s| render_service(s, cluster_cidr))
+        .collect();
     let mut rs = Ruleset::default();
+    for part in &parts {
+        rs.nat.extend(part.chains.iter().cloned());
+    }
+    shared_chains(parts.iter(), cluster_cidr, &mut rs);
+    rs
+}
+
+/// The chains every Service shares, from the Services' parts (in plan order),
+/// inserted into `rs` (replacing what was there).
+pub fn shared_chains<'a>(
+    parts: impl Iterator<Item = &'a ServiceRules>,
+    cluster_cidr: &str,
+    rs: &mut Ruleset,
+) {
     let mut services = Vec::new();
     let mut nodeports = Vec::new();
     let mut reject = Vec::new();
-    for svc in &plan.services {
-        for (i, pb) in svc.backends.iter().enumerate() {
-            let id = port_id(svc, i);
-            let c = comment(svc, i);
-            let p = proto(svc.ports[i].protocol);
-            let frontends: Vec<_> = svc.frontends.iter().filter(|f| f.port_index == i).collect();
-            if pb.cluster.is_empty() {
-                // No usable endpoint anywhere: refuse at once, never time out.
-                for f in &frontends {
-                    reject.push(format!(
-                        "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j REJECT",
-                        f.ip, f.port
-                    ));
-                }
-                continue;
-            }
-            let affinity = svc.affinity_timeout;
-            // WEFT-SVC: every usable endpoint; WEFT-SVL: the local ones, when a
-            // Local traffic policy needs them.
-            let svc_chain = format!("WEFT-SVC-{}", hash(&id));
-            let svl_chain = format!("WEFT-SVL-{}", hash(&id));
-            let ext_chain = format!("WEFT-EXT-{}", hash(&id));
-            // The usable local endpoints (their own terminating fallback), for
-            // the Local traffic policies.
-            let local: &[Target] = if svc.internal_local {
-                &pb.internal
-            } else if svc.external_local {
-                &pb.external
-            } else {
-                &[]
-            };
-            // Traffic to the cluster IPs: pods keep their source, anything else
-            // is masqueraded (in the endpoint chain, as kube-proxy does, so
-            // WEFT-SERVICES keeps one rule per frontend);
-            // internalTrafficPolicy picks the endpoint chain.
-            let masq: Vec<String> = frontends
-                .iter()
-                .filter(|f| f.kind == FrontendKind::ClusterIP)
-                .map(|f| {
-                    format!(
-                        "! -s {cluster_cidr} -d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j WEFT-MARK-MASQ",
-                        f.ip, f.port
-                    )
-                })
-                .collect();
-            let mut cluster_rules = if svc.internal_local {
-                Vec::new()
-            } else {
-                masq.clone()
-            };
-            cluster_rules.extend(spread(&pb.cluster, &id, p, affinity));
-            rs.nat.insert(svc_chain.clone(), cluster_rules);
-            if (svc.internal_local || svc.external_local) && !local.is_empty() {
-                let mut rules = if svc.internal_local { masq } else { Vec::new() };
-                rules.extend(spread(local, &id, p, affinity));
-                rs.nat.insert(svl_chain.clone(), rules);
-            }
-            let local_or_drop = if local.is_empty() {
-                "WEFT-MARK-DROP".to_string()
-            } else {
-                svl_chain.clone()
-            };
-            let internal = if svc.internal_local {
-                local_or_drop.clone()
-            } else {
-                svc_chain.clone()
-            };
-            for f in frontends
-                .iter()
-                .filter(|f| f.kind == FrontendKind::ClusterIP)
-            {
-                services.push(format!(
-                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {internal}",
-                    f.ip, f.port
-                ));
-            }
-            if !frontends.iter().any(|f| f.kind.external()) {
-                continue;
-            }
-            // Traffic to NodePorts, external and load-balancer IPs.
-            let ext = if svc.external_local {
-                // Clients outside keep their address and reach local endpoints
-                // only; pods are short-circuited to the internal endpoints, and
-                // the node itself is masqueraded to them.
-                vec![
-                    format!("-s {cluster_cidr} -m comment --comment \"pods go to the internal endpoints\" -j {internal}"),
-                    "-m addrtype --src-type LOCAL -j WEFT-MARK-MASQ".to_string(),
-                    format!("-m addrtype --src-type LOCAL -j {internal}"),
-                    format!("-m comment --comment {c} -j {local_or_drop}"),
-                ]
-            } else {
-                vec![
-                    format!("-m comment --comment {c} -j WEFT-MARK-MASQ"),
-                    format!("-j {svc_chain}"),
-                ]
-            };
-            rs.nat.insert(ext_chain.clone(), ext);
-            for f in frontends.iter().filter(|f| f.kind.external()) {
-                let rule = format!(
-                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
-                    f.ip, f.port
-                );
-                if f.kind == FrontendKind::NodePort {
-                    nodeports.push(rule);
-                } else {
-                    services.push(rule);
-                }
-            }
-        }
+    let mut local = BTreeSet::new();
+    for part in parts {
+        services.extend(part.services.iter().cloned());
+        nodeports.extend(part.nodeports.iter().cloned());
+        reject.extend(part.reject.iter().cloned());
+        local.extend(part.local.iter().copied());
     }
     services.push("-m addrtype --dst-type LOCAL -j WEFT-NODEPORTS".into());
     rs.nat.insert("WEFT-SERVICES".into(), services);
@@ -202,7 +135,7 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
         "WEFT-MARK-DROP".into(),
         vec![format!("-j MARK --or-mark {DROP_BIT}")],
     );
-    let mut snat = hairpin(plan);
+    let mut snat = hairpin(&local);
     snat.extend([
         format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
         format!("-j MARK --xor-mark {MASQ_BIT}"),
@@ -229,7 +162,129 @@ pub fn render(plan: &ServicePlan, cluster_cidr: &str) -> Ruleset {
             format!("-d {cluster_cidr} -m comment --comment \"pod traffic\" -j ACCEPT"),
         ],
     );
-    rs
+}
+
+/// One Service's rules.
+pub fn render_service(svc: &PlannedService, cluster_cidr: &str) -> ServiceRules {
+    let mut out = ServiceRules::default();
+    let mut local_ips = BTreeSet::new();
+    for pb in &svc.backends {
+        for t in pb.cluster.iter().chain(&pb.internal).chain(&pb.external) {
+            if t.local {
+                local_ips.insert(t.ip);
+            }
+        }
+    }
+    out.local = local_ips.into_iter().collect();
+    for (i, pb) in svc.backends.iter().enumerate() {
+        let id = port_id(svc, i);
+        let c = comment(svc, i);
+        let p = proto(svc.ports[i].protocol);
+        let frontends: Vec<_> = svc.frontends.iter().filter(|f| f.port_index == i).collect();
+        if pb.cluster.is_empty() {
+            // No usable endpoint anywhere: refuse at once, never time out.
+            for f in &frontends {
+                out.reject.push(format!(
+                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j REJECT",
+                    f.ip, f.port
+                ));
+            }
+            continue;
+        }
+        let affinity = svc.affinity_timeout;
+        // WEFT-SVC: every usable endpoint; WEFT-SVL: the local ones, when a
+        // Local traffic policy needs them.
+        let svc_chain = format!("WEFT-SVC-{}", hash(&id));
+        let svl_chain = format!("WEFT-SVL-{}", hash(&id));
+        let ext_chain = format!("WEFT-EXT-{}", hash(&id));
+        // The usable local endpoints (their own terminating fallback), for
+        // the Local traffic policies.
+        let local: &[Target] = if svc.internal_local {
+            &pb.internal
+        } else if svc.external_local {
+            &pb.external
+        } else {
+            &[]
+        };
+        // Traffic to the cluster IPs: pods keep their source, anything else
+        // is masqueraded (in the endpoint chain, as kube-proxy does, so
+        // WEFT-SERVICES keeps one rule per frontend);
+        // internalTrafficPolicy picks the endpoint chain.
+        let masq: Vec<String> = frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::ClusterIP)
+            .map(|f| {
+                format!(
+                    "! -s {cluster_cidr} -d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j WEFT-MARK-MASQ",
+                    f.ip, f.port
+                )
+            })
+            .collect();
+        let mut cluster_rules = if svc.internal_local {
+            Vec::new()
+        } else {
+            masq.clone()
+        };
+        cluster_rules.extend(spread(&pb.cluster, &id, p, affinity));
+        out.chains.push((svc_chain.clone(), cluster_rules));
+        if (svc.internal_local || svc.external_local) && !local.is_empty() {
+            let mut rules = if svc.internal_local { masq } else { Vec::new() };
+            rules.extend(spread(local, &id, p, affinity));
+            out.chains.push((svl_chain.clone(), rules));
+        }
+        let local_or_drop = if local.is_empty() {
+            "WEFT-MARK-DROP".to_string()
+        } else {
+            svl_chain.clone()
+        };
+        let internal = if svc.internal_local {
+            local_or_drop.clone()
+        } else {
+            svc_chain.clone()
+        };
+        for f in frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::ClusterIP)
+        {
+            out.services.push(format!(
+                "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {internal}",
+                f.ip, f.port
+            ));
+        }
+        if !frontends.iter().any(|f| f.kind.external()) {
+            continue;
+        }
+        // Traffic to NodePorts, external and load-balancer IPs.
+        let ext = if svc.external_local {
+            // Clients outside keep their address and reach local endpoints
+            // only; pods are short-circuited to the internal endpoints, and
+            // the node itself is masqueraded to them.
+            vec![
+                format!("-s {cluster_cidr} -m comment --comment \"pods go to the internal endpoints\" -j {internal}"),
+                "-m addrtype --src-type LOCAL -j WEFT-MARK-MASQ".to_string(),
+                format!("-m addrtype --src-type LOCAL -j {internal}"),
+                format!("-m comment --comment {c} -j {local_or_drop}"),
+            ]
+        } else {
+            vec![
+                format!("-m comment --comment {c} -j WEFT-MARK-MASQ"),
+                format!("-j {svc_chain}"),
+            ]
+        };
+        out.chains.push((ext_chain.clone(), ext));
+        for f in frontends.iter().filter(|f| f.kind.external()) {
+            let rule = format!(
+                "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {ext_chain}",
+                f.ip, f.port
+            );
+            if f.kind == FrontendKind::NodePort {
+                out.nodeports.push(rule);
+            } else {
+                out.services.push(rule);
+            }
+        }
+    }
+    out
 }
 
 /// The rules that spread connections evenly over `targets` (statistic mode
@@ -279,17 +334,9 @@ fn spread(targets: &[Target], id: &str, p: &str, affinity: Option<u32>) -> Vec<S
 /// Hairpin: a pod translated to itself leaves with the node's address, or
 /// its answer would skip the translation. After DNAT, source and destination
 /// are the same pod only then; one rule per local endpoint address.
-fn hairpin(plan: &ServicePlan) -> Vec<String> {
-    let local: BTreeSet<std::net::IpAddr> = plan
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter())
-        .flat_map(|b| b.cluster.iter().chain(&b.internal).chain(&b.external))
-        .filter(|t| t.local)
-        .map(|t| t.ip)
-        .collect();
+fn hairpin(local: &BTreeSet<std::net::IpAddr>) -> Vec<String> {
     local
-        .into_iter()
+        .iter()
         .map(|ip| {
             format!("-s {ip}/32 -d {ip}/32 -m conntrack --ctstate DNAT -m comment --comment \"hairpin\" -j MASQUERADE --random-fully")
         })
@@ -300,22 +347,48 @@ fn hairpin(plan: &ServicePlan) -> Vec<String> {
 /// `have` is what was last applied: only changed chains are rewritten, chains
 /// no longer wanted are flushed and deleted. `None` when nothing changed.
 pub fn restore_input(have: &Ruleset, want: &Ruleset) -> Option<String> {
+    let gone = |h: &BTreeMap<String, Vec<String>>, w: &BTreeMap<String, Vec<String>>| {
+        h.keys()
+            .filter(|k| !w.contains_key(*k))
+            .cloned()
+            .collect::<BTreeSet<String>>()
+    };
+    restore_input_partial(
+        have,
+        want,
+        &gone(&have.nat, &want.nat),
+        &gone(&have.filter, &want.filter),
+    )
+}
+
+/// [`restore_input`] when `want` holds only the chains that may have changed
+/// and `gone_*` the chains that may no longer exist: every other chain is
+/// left alone without being compared (a change costs what it touches).
+pub fn restore_input_partial(
+    have: &Ruleset,
+    want: &Ruleset,
+    gone_nat: &BTreeSet<String>,
+    gone_filter: &BTreeSet<String>,
+) -> Option<String> {
     let mut out = String::new();
-    for (table, h, w) in [
-        ("nat", &have.nat, &want.nat),
-        ("filter", &have.filter, &want.filter),
+    for (table, h, w, maybe_gone) in [
+        ("nat", &have.nat, &want.nat, gone_nat),
+        ("filter", &have.filter, &want.filter, gone_filter),
     ] {
         let changed: Vec<&String> = w
             .iter()
             .filter(|(k, v)| h.get(*k) != Some(*v))
             .map(|(k, _)| k)
             .collect();
-        let gone: BTreeSet<&String> = h.keys().filter(|k| !w.contains_key(*k)).collect();
+        let gone: Vec<&String> = maybe_gone
+            .iter()
+            .filter(|k| h.contains_key(*k) && !w.contains_key(*k))
+            .collect();
         if changed.is_empty() && gone.is_empty() {
             continue;
         }
         let _ = writeln!(out, "*{table}");
-        for c in changed.iter().copied().chain(gone.iter().copied()) {
+        for c in changed.iter().chain(gone.iter()) {
             let _ = writeln!(out, ":{c} - [0:0]");
         }
         for c in &changed {

@@ -10,8 +10,12 @@
 //! own jump rules are inserted into the built-in chains. `WEFT-POSTROUTING`
 //! (the overlay's pod masquerade, `node.rs`) is not this module's.
 
-use super::iptables::{render, restore_input, Ruleset};
+use super::iptables::{
+    render, render_service, restore_input_partial, shared_chains, Ruleset, ServiceRules,
+};
+use super::plan::PlannedService;
 use super::plan::{FrontendKind, ServicePlan, Target};
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::IpAddr;
@@ -416,7 +420,12 @@ pub struct IptablesDataplane {
     /// What the kernel holds, as last applied; `None` = unknown (read it
     /// from the kernel on the next apply and rewrite everything).
     have: Option<Ruleset>,
-    last_plan: Option<ServicePlan>,
+    /// Per Service (`namespace/name`): the plan it was last rendered from and
+    /// its rules. A Service whose plan is unchanged is neither rendered nor
+    /// compared again.
+    rendered: HashMap<String, (PlannedService, ServiceRules)>,
+    /// Whether anything was applied yet (conntrack cleanup needs a before).
+    applied_once: bool,
     /// Delete UDP conntrack entries (off where the conntrack tool is absent).
     pub conntrack: bool,
 }
@@ -427,7 +436,8 @@ impl IptablesDataplane {
             ipt: Iptables { mode },
             cluster_cidr: cluster_cidr.into(),
             have: None,
-            last_plan: None,
+            rendered: HashMap::new(),
+            applied_once: false,
             conntrack: true,
         }
     }
@@ -458,13 +468,14 @@ impl IptablesDataplane {
     }
 
     /// Make the kernel match `plan`: one restore of the changed chains, then
-    /// the hooks (first sync and after damage), then conntrack cleanup.
+    /// the hooks (first sync and after damage), then conntrack cleanup. Only
+    /// Services whose plan changed are rendered, compared and written, plus
+    /// the shared chains (`WEFT-SERVICES` and the like) when they changed.
     pub fn apply(
         &mut self,
         plan: &ServicePlan,
         hostports: BTreeMap<String, Vec<String>>,
     ) -> Result<ApplyStats, Error> {
-        let want = self.desired(plan, hostports);
         let mut stats = ApplyStats {
             services: plan.services.len(),
             endpoints: plan
@@ -474,34 +485,119 @@ impl IptablesDataplane {
                 .sum(),
             ..ApplyStats::default()
         };
-        let have = match self.have.take() {
-            Some(h) => h,
+        // What the kernel holds; unknown: read the chain names and rewrite all.
+        let (mut have, previous) = match self.have.take() {
+            Some(h) => (h, None),
             None => {
                 stats.full = true;
-                self.existing()?
+                (self.existing()?, Some(std::mem::take(&mut self.rendered)))
             }
         };
-        if let Some(input) = restore_input(&have, &want) {
-            stats.chains = input.lines().filter(|l| l.starts_with(':')).count();
-            stats.bytes = input.len();
-            // On failure `have` stays unknown: the next apply starts over.
-            self.ipt.restore(&input)?;
-        }
-        if stats.full {
-            self.ensure_hooks()?;
-        }
-        self.have = Some(want);
-        if self.conntrack {
-            if let Some(old) = &self.last_plan {
-                for f in conntrack_flushes(old, plan) {
-                    match delete_conntrack(&f) {
-                        Ok(n) => stats.conntrack_deleted += n,
-                        Err(e) => stats.conntrack_errors.push(e),
+        let mut want = Ruleset::default();
+        let mut maybe_gone: BTreeSet<String> = BTreeSet::new();
+        // (old, new) plans of the Services that changed, for conntrack.
+        let mut moved: Vec<(Option<PlannedService>, Option<PlannedService>)> = Vec::new();
+        let mut present = std::collections::HashSet::with_capacity(plan.services.len());
+        for svc in &plan.services {
+            let key = format!("{}/{}", svc.namespace, svc.name);
+            let fresh = match self.rendered.get(&key) {
+                Some((p, _)) => p != svc,
+                None => true,
+            };
+            if fresh {
+                let rules = render_service(svc, &self.cluster_cidr);
+                want.nat.extend(rules.chains.iter().cloned());
+                let before = match self.rendered.insert(key.clone(), (svc.clone(), rules)) {
+                    Some((p, old)) => {
+                        maybe_gone.extend(old.chains.into_iter().map(|(c, _)| c));
+                        Some(p)
                     }
+                    None => previous
+                        .as_ref()
+                        .and_then(|m| m.get(&key))
+                        .map(|(p, _)| p.clone()),
+                };
+                if before.as_ref() != Some(svc) {
+                    moved.push((before, Some(svc.clone())));
+                }
+            }
+            present.insert(key);
+        }
+        // Services no longer planned.
+        self.rendered.retain(|k, (p, r)| {
+            let keep = present.contains(k);
+            if !keep {
+                maybe_gone.extend(r.chains.iter().map(|(c, _)| c.clone()));
+                moved.push((Some(p.clone()), None));
+            }
+            keep
+        });
+        if let Some(previous) = &previous {
+            for (k, (p, _)) in previous {
+                if !present.contains(k) {
+                    moved.push((Some(p.clone()), None));
                 }
             }
         }
-        self.last_plan = Some(plan.clone());
+        let parts = plan.services.iter().filter_map(|s| {
+            self.rendered
+                .get(&format!("{}/{}", s.namespace, s.name))
+                .map(|(_, r)| r)
+        });
+        shared_chains(parts, &self.cluster_cidr, &mut want);
+        let want = with_fixed_chains(want, hostports);
+        // hostPort chains come and go with the pods.
+        maybe_gone.extend(
+            have.nat
+                .keys()
+                .filter(|k| k.starts_with("WEFT-HP-") && !want.nat.contains_key(*k))
+                .cloned(),
+        );
+        let mut gone_filter = BTreeSet::new();
+        if stats.full {
+            // Everything of ours the kernel has that is not wanted goes.
+            maybe_gone.extend(have.nat.keys().cloned());
+            gone_filter.extend(have.filter.keys().cloned());
+        }
+        if let Some(input) = restore_input_partial(&have, &want, &maybe_gone, &gone_filter) {
+            stats.chains = input.lines().filter(|l| l.starts_with(':')).count();
+            stats.bytes = input.len();
+            if let Err(e) = self.ipt.restore(&input) {
+                // The kernel's state is unknown now: start over next time.
+                self.rendered.clear();
+                return Err(e);
+            }
+        }
+        if stats.full {
+            if let Err(e) = self.ensure_hooks() {
+                self.rendered.clear();
+                return Err(e);
+            }
+        }
+        for (table, w, gone) in [
+            (&mut have.nat, want.nat, &maybe_gone),
+            (&mut have.filter, want.filter, &gone_filter),
+        ] {
+            for g in gone {
+                table.remove(g);
+            }
+            table.extend(w);
+        }
+        self.have = Some(have);
+        if self.conntrack && self.applied_once && !moved.is_empty() {
+            let (mut old, mut new) = (ServicePlan::default(), ServicePlan::default());
+            for (o, n) in moved {
+                old.services.extend(o);
+                new.services.extend(n);
+            }
+            for f in conntrack_flushes(&old, &new) {
+                match delete_conntrack(&f) {
+                    Ok(n) => stats.conntrack_deleted += n,
+                    Err(e) => stats.conntrack_errors.push(e),
+                }
+            }
+        }
+        self.applied_once = true;
         Ok(stats)
     }
 

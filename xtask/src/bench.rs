@@ -33,6 +33,13 @@ const BENCHES: &[Bench] = &[
         packages: &["weft-e2e"],
         binary: "weft-overlay-bench",
     },
+    Bench {
+        name: "services",
+        about: "iptables service programming at 1k/5k/10k Services, weft vs a kube-proxy-shaped restore, nft and legacy; connect latency via a cluster IP (weft-services-bench, root)",
+        // the dataplane is the weft-agent library, built as weft-e2e's dependency
+        packages: &["weft-e2e"],
+        binary: "weft-services-bench",
+    },
 ];
 
 /// The benchmarks, one per line, for help and errors.

@@ -1,0 +1,1737 @@
+//! weft-services-bench: how fast weft's iptables service dataplane programs
+//! N ClusterIP Services x E endpoints, against a kube-proxy-shaped ruleset of
+//! the same size applied the way kube-proxy applies it (the peer), in both
+//! iptables implementations (nft and legacy); then the new-connection
+//! latency through a cluster IP at N Services against the same connection
+//! to the pod IP.
+//!
+//! Per mode and size N, each side in its own fresh namespace (`wsb<pid>-*`,
+//! removed on exit, also on failure):
+//! - weft: the agent library itself. A `NodeView` of N Services is turned
+//!   into a plan (`weft_agent::dataplane::plan::build`) and applied with
+//!   `IptablesDataplane::apply` (first apply = full sync: the restore of
+//!   every chain, then the jumps from the built-in chains). Then single
+//!   changes, each timed as the agent pays it (the plan rebuilt from the
+//!   whole view, then `apply`, which restores only the changed chains): one
+//!   endpoint of one Service replaced, one Service added, one removed, a
+//!   no-op; and a full resync onto the rules already there (a restart).
+//! - peer: the same Services rendered as kube-proxy (1.28+, iptables mode,
+//!   large-cluster mode since there are more than 1000 endpoints) writes
+//!   them: `KUBE-SERVICES`, `KUBE-SVC-*`, `KUBE-SEP-*`, `KUBE-MARK-MASQ`,
+//!   `KUBE-POSTROUTING`, `KUBE-NODEPORTS`, the filter chains, each Service's
+//!   chains together. First the jumps (`iptables -N`, `-C`, `-I`, as
+//!   kube-proxy ensures them before its restore), then one full
+//!   `iptables-restore --noflush` (the baseline the issue names), stopped at
+//!   a time limit; then, for the same endpoint changes as weft's, the
+//!   partial restore of kube-proxy's `MinimizeIPTablesRestore` (the fixed
+//!   chains, the whole `KUBE-SERVICES`, the changed Service's chains).
+//!   Both sides run `iptables-restore --noflush -w 5` the same way (spawn,
+//!   input on stdin, wait).
+//!
+//! Latency: namespaces client <-> node <-> server (veths; client
+//! 198.18.128.10/24, server 198.18.129.10/24, the node routes between them
+//! and holds the rules, in the host's iptables mode as kube-proxy picks it).
+//! The probe Service (cluster IP 198.19.254.1:80 -> server:8080) is part of
+//! every view and sorts last, so its rule is the last of the N in
+//! `WEFT-SERVICES`. The weft run at the latency size happens in the node
+//! namespace; around it, sequential blocking `connect()`s from the client,
+//! alternating cluster IP and pod IP, timed from the call to its return (SYN
+//! out, SYN-ACK back); the client then waits for the server's close
+//! (untimed) and resets. Measured with no rules, with N Services, and with
+//! the probe Service alone.
+//!
+//! Run by `cargo xtask bench services`; needs root and iptables (nft and legacy).
+
+use anyhow::{ensure, Context};
+use clap::Parser;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_agent::dataplane::iptables::{restore_input, Ruleset};
+use weft_agent::dataplane::netfilter::{
+    count_rules, split_rule, Iptables, IptablesDataplane, Mode, HOOKS,
+};
+use weft_agent::dataplane::plan::{build, PlanConfig, ServicePlan};
+use weft_e2e::bench::{endpoint_ip, ms};
+use weft_e2e::benchnet::{self, ip, summarize, Namespaces, Summary};
+use weft_model::view::{FrontendPort, Protocol};
+use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "iptables service programming: weft vs a kube-proxy-shaped restore, nft and legacy; connect latency through a cluster IP"
+)]
+struct Args {
+    /// Service counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    sizes: Vec<usize>,
+    /// iptables implementations to measure (comma-separated: nft, legacy).
+    #[arg(long, value_delimiter = ',', default_value = "nft,legacy")]
+    modes: Vec<Mode>,
+    /// Endpoints per Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Endpoint changes per size (median and max reported), also for the peer.
+    #[arg(long, default_value_t = 10)]
+    changes: usize,
+    /// Service additions and removals per size.
+    #[arg(long, default_value_t = 3)]
+    adds: usize,
+    /// Skip the peer's partial restores.
+    #[arg(long)]
+    no_peer_partial: bool,
+    /// Insert the peer's jumps after its full restore instead of before (not
+    /// kube-proxy's order; isolates what rules reachable from the built-in
+    /// chains cost at commit).
+    #[arg(long)]
+    peer_jumps_after: bool,
+    /// Stop the peer's full restore after this many seconds (0: never); its
+    /// partial restores then run on the same rules loaded another way.
+    #[arg(long, default_value_t = 120)]
+    peer_limit: u64,
+    /// Services in the latency phase (the probe included); its weft
+    /// measurements run in the latency node namespace, at this (mode, N).
+    /// 0 skips the phase.
+    #[arg(long, default_value_t = 10000)]
+    latency_services: usize,
+    /// iptables mode of the latency phase (default: the host's, as kube-proxy detects it).
+    #[arg(long)]
+    latency_mode: Option<Mode>,
+    /// Timed connects per target and phase (after 100 untimed ones).
+    #[arg(long, default_value_t = 2000)]
+    connects: usize,
+    /// Also write the report (markdown) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the full restore inputs (weft's first apply, the peer's full
+    /// sync) per size into this directory, to reproduce a restore by hand.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+const NAMESPACE: &str = "bench";
+const CLUSTER_CIDR: &str = "198.18.128.0/17";
+const NODE: &str = "node-1";
+const NODE_IP: &str = "198.18.0.11";
+/// Nodes the endpoints are spread over (ClusterIP rules do not depend on it).
+const NODES: usize = 50;
+const PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+const CLIENT_IP: &str = "198.18.128.10";
+const SERVER_IP: &str = "198.18.129.10";
+const PROBE_NAME: &str = "zz-probe";
+const PROBE_IP: &str = "198.19.254.1";
+/// kube-proxy's large-cluster mode starts above this many endpoints.
+const KP_LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+// ---------------------------------------------------------------- the view
+
+/// Cluster IP of Service `i` in 198.19.0.0/16 (198.19.1.1 up; 198.19.0.x,
+/// 198.19.250+ and 198.19.255.x are left for DNS, added Services, the probe
+/// and "external" hosts).
+fn cluster_ip(i: usize) -> IpAddr {
+    assert!(i < 249 * 250, "too many Services for the address plan");
+    format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250)
+        .parse()
+        .expect("valid address")
+}
+
+fn backend(ip: IpAddr, k: usize) -> Backend {
+    Backend {
+        ip,
+        node: Some(format!("node-{}", k % NODES + 1)),
+        hostname: None,
+        target: None,
+        zone: None,
+        ports: vec![BackendPort {
+            name: "http".into(),
+            protocol: Protocol::TCP,
+            port: TARGET_PORT,
+        }],
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+fn service(name: String, cluster_ip: IpAddr, backends: Vec<Backend>) -> ServiceEntry {
+    ServiceEntry {
+        namespace: NAMESPACE.into(),
+        name,
+        cluster_ips: vec![cluster_ip],
+        ports: vec![FrontendPort {
+            name: "http".into(),
+            protocol: Protocol::TCP,
+            port: PORT,
+            node_port: None,
+        }],
+        backends,
+        ..Default::default()
+    }
+}
+
+/// Service `i`: `bench/svc-NNNNN`, one TCP port, `e` ready endpoints in the pod CIDR.
+fn bench_service(i: usize, e: usize) -> ServiceEntry {
+    let backends = (0..e)
+        .map(|j| {
+            let k = i * e + j;
+            backend(endpoint_ip(k).parse().expect("valid address"), k)
+        })
+        .collect();
+    service(format!("svc-{i:05}"), cluster_ip(i), backends)
+}
+
+/// The probe Service: one endpoint, the latency phase's server. Its name
+/// sorts after every `svc-*`, so its rules come last.
+fn probe_service() -> ServiceEntry {
+    service(
+        PROBE_NAME.into(),
+        PROBE_IP.parse().expect("valid address"),
+        vec![backend(SERVER_IP.parse().expect("valid address"), 0)],
+    )
+}
+
+/// The view of size `n`: `n - 1` generated Services and the probe.
+fn bench_view(n: usize, e: usize) -> NodeView {
+    view_of(
+        (0..n.saturating_sub(1))
+            .map(|i| bench_service(i, e))
+            .chain([probe_service()]),
+    )
+}
+
+fn view_of(services: impl IntoIterator<Item = ServiceEntry>) -> NodeView {
+    NodeView {
+        rev: 1,
+        synced: true,
+        services: services.into_iter().map(|s| (s.key(), s)).collect(),
+        nodes: BTreeMap::new(),
+    }
+}
+
+fn plan_config() -> PlanConfig {
+    PlanConfig {
+        node: NODE.into(),
+        node_addresses: vec![NODE_IP.parse().expect("valid address")],
+        localhost_node_ports: false,
+        external_ip_allow: Vec::new(),
+        cluster_cidr: CLUSTER_CIDR.parse().expect("valid CIDR"),
+    }
+}
+
+/// An endpoint address no generated Service uses (last octet 251..254).
+fn fresh_endpoint(c: usize) -> IpAddr {
+    format!("198.18.{}.{}", 128 + c % 128, 251 + (c / 128) % 4)
+        .parse()
+        .expect("valid address")
+}
+
+/// `count` indices spread over 0..n, shifted by `offset`.
+fn spread(n: usize, count: usize, offset: usize) -> Vec<usize> {
+    (0..count)
+        .map(|c| (c * n / count.max(1) + offset) % n.max(1))
+        .collect()
+}
+
+// ---------------------------------------------------------------- the peer
+
+/// kube-proxy's chain-name hash: 16 base32 characters ([A-Z2-7]). kube-proxy
+/// takes them from a SHA-256; any well-spread hash gives the same shape.
+fn kp_hash(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let fnv = |seed: u64| {
+        let mut h = seed;
+        for b in s.as_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    let (a, b) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4));
+    (0..16)
+        .map(|i| {
+            let v = if i < 12 { a >> (i * 5) } else { b >> ((i - 12) * 5) };
+            ALPHABET[(v & 31) as usize] as char
+        })
+        .collect()
+}
+
+/// The jumps kube-proxy ensures from the built-in chains: (table, chain, rule, target).
+const KP_JUMPS: &[(&str, &str, &str, &str)] = &[
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+        "KUBE-NODEPORTS",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+        "KUBE-FORWARD",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "KUBE-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "OUTPUT",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "PREROUTING",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "POSTROUTING",
+        "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "KUBE-POSTROUTING",
+    ),
+];
+
+/// Ensure kube-proxy's chains and jumps as it does before a full restore:
+/// `-N` for the chain (an existing chain is fine), `-C` for the jump, `-I` when missing.
+fn kp_ensure_jumps(ipt: &Iptables) -> anyhow::Result<usize> {
+    let mut calls = 0;
+    for (table, chain, rule, target) in KP_JUMPS {
+        let _ = ipt.run(&["-t", table, "-N", target]);
+        let words = split_rule(rule);
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let mut check = vec!["-t", table, "-C", chain];
+        check.extend(&words);
+        calls += 2;
+        if ipt.run(&check).is_err() {
+            let mut insert = vec!["-t", table, "-I", chain];
+            insert.extend(&words);
+            ipt.run(&insert)?;
+            calls += 1;
+        }
+    }
+    Ok(calls)
+}
+
+/// `iptables-restore` input as kube-proxy writes it for `plan`: everything
+/// (`only` = None: a full sync), or the fixed chains, the whole
+/// `KUBE-SERVICES` and the chains of the Services in `only` (a partial sync
+/// with `MinimizeIPTablesRestore`; in large-cluster mode stale chains are
+/// left for the periodic cleanup, so there are no `-X` lines).
+fn kube_proxy_restore(plan: &ServicePlan, only: Option<&BTreeSet<(String, String)>>) -> String {
+    let endpoints: usize = plan
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.cluster.len()))
+        .sum();
+    let large = endpoints > KP_LARGE_CLUSTER_ENDPOINTS;
+    let mut filter_rules = String::new();
+    let mut nat_chains = String::new();
+    let mut nat_rules = String::new();
+    let mut services = String::new();
+    for svc in &plan.services {
+        let write_chains =
+            only.is_none_or(|o| o.contains(&(svc.namespace.clone(), svc.name.clone())));
+        for (i, port) in svc.ports.iter().enumerate() {
+            let p = match port.protocol {
+                Protocol::TCP => "tcp",
+                Protocol::UDP => "udp",
+                Protocol::SCTP => "sctp",
+            };
+            let port_name = format!("{}/{}:{}", svc.namespace, svc.name, port.name);
+            let svc_chain = format!("KUBE-SVC-{}", kp_hash(&format!("{port_name}{p}")));
+            let targets = &svc.backends[i].cluster;
+            for f in svc.frontends.iter().filter(|f| f.port_index == i) {
+                if targets.is_empty() {
+                    let _ = writeln!(
+                        filter_rules,
+                        "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{port_name} has no endpoints\" -m {p} --dport {} -j REJECT --reject-with icmp-port-unreachable",
+                        f.ip, f.port
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    services,
+                    "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j {svc_chain}",
+                    f.ip, f.port
+                );
+            }
+            if targets.is_empty() || !write_chains {
+                continue;
+            }
+            let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
+            for f in svc.frontends.iter().filter(|f| f.port_index == i) {
+                let _ = writeln!(
+                    nat_rules,
+                    "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
+                    f.ip, f.port
+                );
+            }
+            let n = targets.len();
+            for (k, t) in targets.iter().enumerate() {
+                let ep = format!("{}:{}", t.ip, t.port);
+                let sep = format!("KUBE-SEP-{}", kp_hash(&format!("{port_name}{p}{ep}")));
+                let _ = writeln!(nat_chains, ":{sep} - [0:0]");
+                let c = if large {
+                    String::new()
+                } else {
+                    format!("-m comment --comment \"{port_name} -> {ep}\" ")
+                };
+                if n - k > 1 {
+                    let _ = writeln!(
+                        nat_rules,
+                        "-A {svc_chain} {c}-m statistic --mode random --probability {:.10} -j {sep}",
+                        1.0 / (n - k) as f64
+                    );
+                } else {
+                    let _ = writeln!(nat_rules, "-A {svc_chain} {c}-j {sep}");
+                }
+                let c = if large {
+                    String::new()
+                } else {
+                    format!("-m comment --comment \"{port_name}\" ")
+                };
+                let _ = writeln!(nat_rules, "-A {sep} -s {}/32 {c}-j KUBE-MARK-MASQ", t.ip);
+                let _ = writeln!(
+                    nat_rules,
+                    "-A {sep} -p {p} {c}-m {p} -j DNAT --to-destination {ep}"
+                );
+            }
+        }
+    }
+    let mut out = String::from("*filter\n");
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+    ] {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    out.push_str(&filter_rules);
+    out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+    out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n");
+    out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    out.push_str("COMMIT\n*nat\n");
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    out.push_str(&nat_chains);
+    out.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    out.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
+    out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
+    out.push_str(&services);
+    out.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    out.push_str(&nat_rules);
+    out.push_str("COMMIT\n");
+    out
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn rules_in(rs: &Ruleset) -> (usize, usize) {
+    let chains = rs.nat.len() + rs.filter.len();
+    let rules = rs
+        .nat
+        .values()
+        .chain(rs.filter.values())
+        .map(Vec::len)
+        .sum();
+    (chains, rules)
+}
+
+/// What the kernel holds, read cheaply (on a thread inside the namespace):
+/// chains named `prefix*` in nat and filter, and the rules of the nat chain
+/// `services`. Not `iptables-nft-save`: on a nat table of 110k chains it
+/// runs for minutes and then overflows its stack (seen with 1.8.9).
+fn kernel_check(ipt: &Iptables, prefix: &str, services: &str) -> anyhow::Result<(usize, usize)> {
+    let chains = match ipt.mode {
+        Mode::Nft => benchnet::run("nft", &["list", "chains", "ip"])?
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("chain "))
+            .filter(|c| c.starts_with(prefix))
+            .count(),
+        Mode::Legacy => {
+            let mut n = 0;
+            for table in ["nat", "filter"] {
+                n += ipt
+                    .save(table)?
+                    .lines()
+                    .filter(|l| l.strip_prefix(':').is_some_and(|c| c.starts_with(prefix)))
+                    .count();
+            }
+            n
+        }
+    };
+    let rules = ipt.run(&["-t", "nat", "-S", services])?;
+    Ok((chains, count_rules(&rules)))
+}
+
+/// Empty nat and filter (flush every chain, delete user chains) with one
+/// restore, so the kernel frees the rules now rather than in the namespace
+/// cleanup worker while the next measurement runs.
+fn flush_tables(ipt: &Iptables) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let mut child = Command::new(ipt.mode.tool("iptables-restore"))
+        .args(["-w", "5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(b"*nat\nCOMMIT\n*filter\nCOMMIT\n")?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "flushing tables: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(t.elapsed())
+}
+
+/// User and system CPU seconds of this process's reaped children (the
+/// iptables tools), to split a step's time between iptables' own work in
+/// userspace and the kernel's.
+fn children_cpu() -> (f64, f64) {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// Children's (user, sys) CPU in ms spent while `f` ran.
+fn with_cpu<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let (u0, s0) = children_cpu();
+    let out = f();
+    let (u1, s1) = children_cpu();
+    (out, (u1 - u0) * 1e3, (s1 - s0) * 1e3)
+}
+
+/// The commit the working tree is at, and whether the dataplane's sources
+/// differ from it (read at run time, from the current directory).
+fn source_revision() -> String {
+    let head = benchnet::run("git", &["log", "-1", "--format=%h %cI %s"])
+        .map(|s| s.trim().chars().take(100).collect::<String>())
+        .unwrap_or_else(|_| "unknown (not a git checkout)".into());
+    let dirty = benchnet::run("git", &["status", "--porcelain", "--", "agent", "model"])
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false);
+    format!(
+        "working tree at `{head}`{}",
+        if dirty {
+            ", with uncommitted changes in agent/ or model/"
+        } else {
+            ""
+        }
+    )
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// A duration for tables: ms below 10 s, s above.
+fn fmt_ms(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1} s", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
+}
+
+// ---------------------------------------------------------------- weft side
+
+/// One single-change step as the agent pays it.
+#[derive(Clone, Debug, Default)]
+struct Step {
+    /// `plan::build` over the whole view.
+    build_ms: f64,
+    /// `IptablesDataplane::apply` (render and compare the changed Services,
+    /// restore of the changed chains).
+    apply_ms: f64,
+    /// The apply's restore input, replayed right after it with a bare
+    /// `iptables-restore --noflush` (the same input onto the same rules):
+    /// the iptables part of the apply. Endpoint changes only (their input
+    /// defines no new chain and deletes none, so a replay is idempotent).
+    replay_ms: Option<f64>,
+    /// CPU of the iptables processes the apply ran: user, system.
+    tool_user_ms: f64,
+    tool_sys_ms: f64,
+    chains: usize,
+    bytes: usize,
+}
+
+impl Step {
+    fn total(&self) -> f64 {
+        self.build_ms + self.apply_ms
+    }
+}
+
+#[derive(Debug, Default)]
+struct WeftRun {
+    chains: usize,
+    rules: usize,
+    /// Checked in the kernel after the full sync: chains, services-chain rules.
+    kernel: (usize, usize),
+    build_ms: f64,
+    full_ms: f64,
+    /// Replicas of the full sync's two smaller parts, timed apart: reading
+    /// our chains from the empty tables, and inserting the jumps.
+    existing_ms: f64,
+    hooks_ms: f64,
+    full_user_ms: f64,
+    full_sys_ms: f64,
+    full_bytes: usize,
+    noop: Vec<Step>,
+    endpoint: Vec<Step>,
+    add: Vec<Step>,
+    remove: Vec<Step>,
+    /// A full rewrite onto the rules already there (`invalidate`, then
+    /// `apply`): what an agent restart and the periodic full resync cost.
+    resync: Vec<Step>,
+    flush_ms: f64,
+}
+
+struct Weft {
+    dp: IptablesDataplane,
+    cfg: PlanConfig,
+    plan: ServicePlan,
+}
+
+impl Weft {
+    /// Rebuild the plan from `view` and apply it; `replay`: time the
+    /// apply's restore input again on its own (see [`Step::replay_ms`]).
+    fn step(&mut self, view: &NodeView, replay: bool) -> anyhow::Result<Step> {
+        let t = Instant::now();
+        let plan = build(view, &self.cfg);
+        let build_ms = ms(t.elapsed());
+        let t = Instant::now();
+        let (stats, tool_user_ms, tool_sys_ms) = with_cpu(|| self.dp.apply(&plan, BTreeMap::new()));
+        let apply_ms = ms(t.elapsed());
+        let stats = stats?;
+        let mut replay_ms = None;
+        if replay {
+            // The input the apply wrote: the changed chains of the whole
+            // old and new rulesets (checked by its size against the apply's).
+            let old = self.dp.desired(&self.plan, BTreeMap::new());
+            let new = self.dp.desired(&plan, BTreeMap::new());
+            let input = restore_input(&old, &new).context("the change changed nothing")?;
+            ensure!(
+                input.len() == stats.bytes && !input.contains("\n-X "),
+                "the replayed input ({} bytes) is not the applied one ({} bytes)",
+                input.len(),
+                stats.bytes
+            );
+            let ipt = Iptables {
+                mode: self.dp.mode(),
+            };
+            let t = Instant::now();
+            ipt.restore(&input)?;
+            replay_ms = Some(ms(t.elapsed()));
+        }
+        self.plan = plan;
+        Ok(Step {
+            build_ms,
+            apply_ms,
+            replay_ms,
+            tool_user_ms,
+            tool_sys_ms,
+            chains: stats.chains,
+            bytes: stats.bytes,
+        })
+    }
+}
+
+/// Everything weft does at one size, on a thread inside the namespace.
+/// `keep`: leave the rules in place (the latency phase uses them).
+fn weft_run(mode: Mode, n: usize, args: &ArgsCopy, keep: bool) -> anyhow::Result<WeftRun> {
+    let mut out = WeftRun::default();
+    let mut view = bench_view(n, args.endpoints);
+    let cfg = plan_config();
+    let t = Instant::now();
+    let plan = build(&view, &cfg);
+    out.build_ms = ms(t.elapsed());
+    let mut dp = IptablesDataplane::new(mode, CLUSTER_CIDR);
+    dp.conntrack = false;
+    (out.chains, out.rules) = rules_in(&dp.desired(&plan, BTreeMap::new()));
+    let ipt = Iptables { mode };
+    // What the first apply does before its restore: list the (empty) tables.
+    let t = Instant::now();
+    ipt.save("nat")?;
+    ipt.save("filter")?;
+    out.existing_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let (stats, user, sys) = with_cpu(|| dp.apply(&plan, BTreeMap::new()));
+    out.full_ms = ms(t.elapsed());
+    let stats = stats?;
+    (out.full_user_ms, out.full_sys_ms) = (user, sys);
+    ensure!(stats.full, "the first apply was not a full one");
+    out.full_bytes = stats.bytes;
+    let t = Instant::now();
+    let want = dp.desired(&plan, BTreeMap::new());
+    let services_rules = want.nat.get("WEFT-SERVICES").map_or(0, Vec::len);
+    out.kernel = kernel_check(&ipt, "WEFT-", "WEFT-SERVICES")?;
+    ensure!(
+        out.kernel == (out.chains, services_rules),
+        "the kernel holds {:?} (WEFT- chains, WEFT-SERVICES rules), not {:?}",
+        out.kernel,
+        (out.chains, services_rules)
+    );
+    eprintln!(
+        "{} {n:>6} weft: full sync {} (listing the rules back: {})",
+        mode.as_str(),
+        fmt_ms(out.full_ms),
+        fmt_ms(ms(t.elapsed()))
+    );
+    // What the first apply does after its restore, again: with the jumps
+    // removed, put them back (list each built-in chain, delete, insert).
+    for h in HOOKS {
+        let mut a = vec!["-t", h.table, "-D", h.chain];
+        let words = split_rule(h.rule);
+        a.extend(words.iter().map(String::as_str));
+        ipt.run(&a)?;
+    }
+    let t = Instant::now();
+    dp.ensure_hooks()?;
+    out.hooks_ms = ms(t.elapsed());
+    eprintln!(
+        "{} {n:>6} weft: jumps again {}",
+        mode.as_str(),
+        fmt_ms(out.hooks_ms)
+    );
+    let mut w = Weft { dp, cfg, plan };
+    for _ in 0..3 {
+        out.noop.push(w.step(&view, false)?);
+    }
+    let generated = n - 1;
+    // One endpoint of one Service replaced (a pod restarted elsewhere).
+    for (c, i) in spread(generated, args.changes, 0).into_iter().enumerate() {
+        let key = (NAMESPACE.to_string(), format!("svc-{i:05}"));
+        let svc = view.services.get_mut(&key).context("no such Service")?;
+        let j = c % svc.backends.len();
+        svc.backends[j].ip = fresh_endpoint(c);
+        out.endpoint.push(w.step(&view, true)?);
+    }
+    // A Service added (sorted among the others), then one removed.
+    for (c, i) in spread(generated, args.adds, generated / 7)
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = bench_service(i, args.endpoints);
+        s.name = format!("svc-{i:05}-add");
+        s.cluster_ips = vec![format!("198.19.250.{}", c + 1).parse()?];
+        view.services.insert(s.key(), s);
+        out.add.push(w.step(&view, false)?);
+    }
+    for i in spread(generated, args.adds, generated / 3) {
+        let key = (NAMESPACE.to_string(), format!("svc-{i:05}"));
+        ensure!(view.services.remove(&key).is_some(), "no Service {key:?}");
+        out.remove.push(w.step(&view, false)?);
+    }
+    w.dp.invalidate();
+    let step = w.step(&view, false)?;
+    eprintln!(
+        "{} {n:>6} weft: full resync onto its rules {}",
+        mode.as_str(),
+        fmt_ms(step.total())
+    );
+    out.resync.push(step);
+    if !keep {
+        out.flush_ms = ms(flush_tables(&ipt)?);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- peer side
+
+#[derive(Debug, Default)]
+struct PeerRun {
+    rules: usize,
+    chains: usize,
+    kernel: (usize, usize),
+    bytes: usize,
+    generate_ms: f64,
+    jumps_ms: f64,
+    jump_calls: usize,
+    /// `None`: stopped at the time limit.
+    full_ms: Option<f64>,
+    full_user_ms: f64,
+    full_sys_ms: f64,
+    /// When the full restore was stopped: loading the same rules with a
+    /// flushing restore (not kube-proxy's way) and the jumps, untimed for
+    /// the tables, so the partial restores still meet the full ruleset.
+    loaded_ms: Option<f64>,
+    partial_ms: Vec<f64>,
+    partial_user_ms: Vec<f64>,
+    partial_sys_ms: Vec<f64>,
+    partial_bytes: usize,
+    flush_ms: f64,
+}
+
+/// `iptables-restore --noflush -w 5` (the arguments weft's dataplane uses)
+/// of `input`, timed from spawn to exit; killed (by its pid) at `limit`.
+/// `None` when stopped. `flush`: without `--noflush`.
+fn timed_restore(
+    mode: Mode,
+    input: &str,
+    limit: Option<Duration>,
+    flush: bool,
+) -> anyhow::Result<Option<f64>> {
+    let args: &[&str] = if flush {
+        &["-w", "5"]
+    } else {
+        &["--noflush", "-w", "5"]
+    };
+    let t = Instant::now();
+    let mut child = Command::new(mode.tool("iptables-restore"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning iptables-restore")?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let done = (std::sync::Mutex::new(false), std::sync::Condvar::new());
+    let (out, took, killed) = std::thread::scope(|s| {
+        s.spawn(move || {
+            // A killed child closes the pipe: the write fails, as it should.
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        let dog = s.spawn(|| {
+            let Some(limit) = limit else { return false };
+            let (lock, cv) = &done;
+            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (finished, _) = cv
+                .wait_timeout_while(guard, limit, |d| !*d)
+                .unwrap_or_else(|p| p.into_inner());
+            if *finished {
+                return false;
+            }
+            // SAFETY: kill on the pid of our own child, not yet reaped
+            // (the waiting thread marks `done` before this lock is free).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            true
+        });
+        let out = child.wait_with_output();
+        let took = t.elapsed();
+        let (lock, cv) = &done;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        (out, took, dog.join().unwrap_or(false))
+    });
+    let out = out.context("waiting for iptables-restore")?;
+    if killed {
+        return Ok(None);
+    }
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        mode.tool("iptables-restore"),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(Some(ms(took)))
+}
+
+fn peer_run(mode: Mode, n: usize, args: &ArgsCopy) -> anyhow::Result<PeerRun> {
+    let mut out = PeerRun::default();
+    let mut view = bench_view(n, args.endpoints);
+    let cfg = plan_config();
+    let plan = build(&view, &cfg);
+    let t = Instant::now();
+    let text = kube_proxy_restore(&plan, None);
+    out.generate_ms = ms(t.elapsed());
+    out.bytes = text.len();
+    out.rules = text.lines().filter(|l| l.starts_with("-A ")).count();
+    out.chains = text.lines().filter(|l| l.starts_with(":KUBE-")).count();
+    let ipt = Iptables { mode };
+    let jumps = |out: &mut PeerRun| -> anyhow::Result<()> {
+        let t = Instant::now();
+        out.jump_calls = kp_ensure_jumps(&ipt)?;
+        out.jumps_ms = ms(t.elapsed());
+        Ok(())
+    };
+    if !args.peer_jumps_after {
+        jumps(&mut out)?;
+    }
+    let limit = (args.peer_limit > 0).then(|| Duration::from_secs(args.peer_limit));
+    let (full, user, sys) = with_cpu(|| timed_restore(mode, &text, limit, false));
+    out.full_ms = full?;
+    (out.full_user_ms, out.full_sys_ms) = (user, sys);
+    if out.full_ms.is_none() && !args.no_peer_partial {
+        // Nothing was committed (iptables-restore commits at COMMIT, after
+        // parsing); load the same rules another way for the partial restores.
+        let t = Instant::now();
+        timed_restore(mode, &text, None, true)?;
+        kp_ensure_jumps(&ipt)?;
+        out.loaded_ms = Some(ms(t.elapsed()));
+    } else if args.peer_jumps_after {
+        jumps(&mut out)?;
+    }
+    if out.full_ms.is_some() || out.loaded_ms.is_some() {
+        let nat = text.split("*nat\n").nth(1).unwrap_or_default();
+        let want = (
+            out.chains,
+            nat.lines()
+                .filter(|l| l.starts_with("-A KUBE-SERVICES "))
+                .count(),
+        );
+        out.kernel = kernel_check(&ipt, "KUBE-", "KUBE-SERVICES")?;
+        ensure!(
+            out.kernel == want,
+            "the kernel holds {:?} (KUBE- chains, KUBE-SERVICES rules), not {want:?}",
+            out.kernel
+        );
+    }
+    if !args.no_peer_partial {
+        // The same endpoint changes as weft's.
+        for (c, i) in spread(n - 1, args.changes, 0).into_iter().enumerate() {
+            let key = (NAMESPACE.to_string(), format!("svc-{i:05}"));
+            let svc = view.services.get_mut(&key).context("no such Service")?;
+            let j = c % svc.backends.len();
+            svc.backends[j].ip = fresh_endpoint(c);
+            let plan = build(&view, &cfg);
+            let only = BTreeSet::from([key]);
+            let text = kube_proxy_restore(&plan, Some(&only));
+            out.partial_bytes = text.len();
+            let (took, user, sys) = with_cpu(|| timed_restore(mode, &text, None, false));
+            out.partial_ms.push(took?.context("not stopped")?);
+            out.partial_user_ms.push(user);
+            out.partial_sys_ms.push(sys);
+        }
+    }
+    out.flush_ms = ms(flush_tables(&ipt)?);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- latency
+
+/// An accept-and-close TCP server on a thread inside a namespace; stopped
+/// and joined on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+    ns: String,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &str, addr: SocketAddr) -> anyhow::Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = ns.to_string();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let listener = benchnet::enter(&name)
+                .and_then(|_| TcpListener::bind(addr).context("binding the server"));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                drop(conn);
+            }
+        });
+        rx.recv().context("server thread died")??;
+        Ok(Server {
+            stop,
+            addr,
+            ns: ns.to_string(),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop from inside its namespace.
+        let addr = self.addr;
+        let _ = benchnet::run_in(&self.ns, move || {
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+            Ok(())
+        });
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One blocking connect, timed; then (untimed) wait for the server's close,
+/// so the next SYN never meets a full accept queue, and close with a reset
+/// (no TIME_WAIT).
+fn connect_once(addr: SocketAddr) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 1];
+    let _ = std::io::Read::read(&mut s, &mut buf);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    Ok(us)
+}
+
+/// `connects` timed connects to each target, alternating, in microseconds.
+fn connect_series(
+    client_ns: &str,
+    targets: Vec<SocketAddr>,
+    connects: usize,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    benchnet::run_in(client_ns, move || {
+        for t in &targets {
+            TcpStream::connect_timeout(t, Duration::from_secs(2))
+                .with_context(|| format!("{t} is not reachable from the client"))?;
+        }
+        for k in 0..100 {
+            connect_once(targets[k % targets.len()])?;
+        }
+        let mut out: Vec<Vec<f64>> = targets
+            .iter()
+            .map(|_| Vec::with_capacity(connects))
+            .collect();
+        for _ in 0..connects {
+            for (k, t) in targets.iter().enumerate() {
+                out[k].push(connect_once(*t)?);
+            }
+        }
+        Ok(out)
+    })
+}
+
+struct LatencyRun {
+    mode: Mode,
+    services: usize,
+    /// (phase label, target label, microseconds summary)
+    rows: Vec<(String, &'static str, Summary)>,
+    /// Applying the probe Service alone (after emptying the tables).
+    probe_apply_ms: f64,
+}
+
+/// client <-> node <-> server, with the server listening.
+struct Topology {
+    client: String,
+    node: String,
+    server: Option<Server>,
+}
+
+impl Topology {
+    fn new(ns: &mut Namespaces, tag: &str) -> anyhow::Result<Topology> {
+        let client = ns.add(&format!("{tag}-lat-client"))?;
+        let node = ns.add(&format!("{tag}-lat-node"))?;
+        let server = ns.add(&format!("{tag}-lat-server"))?;
+        for (other, node_if, own, gw) in [
+            (&client, "vc", CLIENT_IP, "198.18.128.1"),
+            (&server, "vs", SERVER_IP, "198.18.129.1"),
+        ] {
+            ip(&[
+                "-n", &node, "link", "add", node_if, "type", "veth", "peer", "name", "eth0",
+                "netns", other,
+            ])?;
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                node_if,
+            ])?;
+            ip(&["-n", &node, "link", "set", node_if, "up"])?;
+            ip(&[
+                "-n",
+                other,
+                "addr",
+                "add",
+                &format!("{own}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", other, "link", "set", "eth0", "up"])?;
+            ip(&["-n", other, "route", "add", "default", "via", gw])?;
+        }
+        benchnet::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        let srv = Server::start(&server, server_addr())?;
+        Ok(Topology {
+            client,
+            node,
+            server: Some(srv),
+        })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Before the namespaces go: the server is woken from inside its own.
+        self.server.take();
+    }
+}
+
+fn server_addr() -> SocketAddr {
+    SocketAddr::new(SERVER_IP.parse().expect("valid address"), TARGET_PORT)
+}
+
+fn probe_addr() -> SocketAddr {
+    SocketAddr::new(PROBE_IP.parse().expect("valid address"), PORT)
+}
+
+// ---------------------------------------------------------------- main
+
+/// The arguments the measuring threads need (plain data, `Send`).
+#[derive(Clone, Debug)]
+struct ArgsCopy {
+    endpoints: usize,
+    changes: usize,
+    adds: usize,
+    no_peer_partial: bool,
+    peer_jumps_after: bool,
+    peer_limit: u64,
+}
+
+struct SizeResult {
+    mode: Mode,
+    n: usize,
+    weft: WeftRun,
+    peer: PeerRun,
+}
+
+fn p50(v: &[f64]) -> f64 {
+    summarize(v).p50
+}
+
+fn max(v: &[f64]) -> f64 {
+    summarize(v).max
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    benchnet::require_root("weft-services-bench")?;
+    ensure!(args.endpoints > 0, "--endpoints must be at least 1");
+    ensure!(args.changes > 0, "--changes must be at least 1");
+    ensure!(
+        args.sizes.iter().all(|n| *n > 1 && *n < 249 * 250),
+        "--sizes must be between 2 and {}",
+        249 * 250 - 1
+    );
+    ensure!(
+        args.latency_services == 0 || args.latency_services > 1,
+        "--latency-services must be 0 (skip) or at least 2"
+    );
+    let latency_mode = args.latency_mode.unwrap_or_else(Mode::detect);
+    let mut modes = args.modes.clone();
+    if args.latency_services > 0 && !modes.contains(&latency_mode) {
+        modes.push(latency_mode);
+    }
+    for mode in &modes {
+        benchnet::run(&mode.tool("iptables"), &["--version"]).with_context(|| {
+            format!(
+                "{} is needed (apt-get install iptables, or `cargo xtask setup`)",
+                mode.tool("iptables")
+            )
+        })?;
+    }
+    let load_start = benchnet::loadavg();
+    let started = Instant::now();
+    let host_mode = Mode::detect();
+    let copy = ArgsCopy {
+        endpoints: args.endpoints,
+        changes: args.changes,
+        adds: args.adds,
+        no_peer_partial: args.no_peer_partial,
+        peer_jumps_after: args.peer_jumps_after,
+        peer_limit: args.peer_limit,
+    };
+    // (mode, N); the latency phase runs at its own (mode, N), added if missing.
+    let mut runs: Vec<(Mode, usize)> = args
+        .modes
+        .iter()
+        .flat_map(|m| args.sizes.iter().map(move |n| (*m, *n)))
+        .collect();
+    let lat_key = (latency_mode, args.latency_services);
+    if args.latency_services > 0 && !runs.contains(&lat_key) {
+        runs.push(lat_key);
+    }
+    if let Some(dir) = &args.dump {
+        std::fs::create_dir_all(dir)?;
+        let mut sizes: Vec<usize> = runs.iter().map(|r| r.1).collect();
+        sizes.sort();
+        sizes.dedup();
+        for n in sizes {
+            let plan = build(&bench_view(n, args.endpoints), &plan_config());
+            let dp = IptablesDataplane::new(Mode::Nft, CLUSTER_CIDR);
+            let weft = restore_input(&Ruleset::default(), &dp.desired(&plan, BTreeMap::new()))
+                .context("an empty plan")?;
+            std::fs::write(dir.join(format!("weft-{n}.restore")), weft)?;
+            std::fs::write(
+                dir.join(format!("kube-proxy-{n}.restore")),
+                kube_proxy_restore(&plan, None),
+            )?;
+        }
+    }
+
+    let mut results = Vec::new();
+    let mut latency = None;
+    for (mode, n) in runs {
+        let tag = mode.as_str();
+        let mut ns = Namespaces::new("wsb");
+        let with_latency = args.latency_services > 0 && (mode, n) == lat_key;
+        let topo = if with_latency {
+            Some(Topology::new(&mut ns, tag)?)
+        } else {
+            None
+        };
+        let wns = match &topo {
+            Some(t) => t.node.clone(),
+            None => ns.add(&format!("{tag}-weft-{n}"))?,
+        };
+        let mut lat = LatencyRun {
+            mode,
+            services: n,
+            rows: Vec::new(),
+            probe_apply_ms: f64::NAN,
+        };
+        if let Some(t) = &topo {
+            let s = connect_series(&t.client, vec![server_addr()], args.connects)?;
+            lat.rows
+                .push(("no rules".into(), "pod IP", summarize(&s[0])));
+        }
+        let c = copy.clone();
+        let t = Instant::now();
+        let weft = benchnet::run_in(&wns, move || weft_run(mode, n, &c, with_latency))
+            .with_context(|| format!("weft, {tag}, {n} Services"))?;
+        eprintln!(
+            "{tag} {n:>6} weft: full sync {}, endpoint change p50 {} (build+apply), add p50 {}, remove p50 {} [{:.0} s]",
+            fmt_ms(weft.full_ms),
+            fmt_ms(p50(&weft.endpoint.iter().map(Step::total).collect::<Vec<_>>())),
+            fmt_ms(p50(&weft.add.iter().map(Step::total).collect::<Vec<_>>())),
+            fmt_ms(p50(&weft.remove.iter().map(Step::total).collect::<Vec<_>>())),
+            secs(t.elapsed())
+        );
+        if let Some(t) = &topo {
+            let s = connect_series(&t.client, vec![probe_addr(), server_addr()], args.connects)?;
+            let label = format!("{n} Services (probe last)");
+            lat.rows
+                .push((label.clone(), "cluster IP", summarize(&s[0])));
+            lat.rows.push((label, "pod IP", summarize(&s[1])));
+            // The probe alone: empty the tables, then a first apply of it.
+            lat.probe_apply_ms = benchnet::run_in(&t.node, move || {
+                flush_tables(&Iptables { mode })?;
+                let mut dp = IptablesDataplane::new(mode, CLUSTER_CIDR);
+                dp.conntrack = false;
+                let plan = build(&view_of([probe_service()]), &plan_config());
+                let t = Instant::now();
+                dp.apply(&plan, BTreeMap::new())?;
+                Ok(ms(t.elapsed()))
+            })?;
+            let s = connect_series(&t.client, vec![probe_addr(), server_addr()], args.connects)?;
+            let label = "probe Service only".to_string();
+            lat.rows
+                .push((label.clone(), "cluster IP", summarize(&s[0])));
+            lat.rows.push((label, "pod IP", summarize(&s[1])));
+            benchnet::run_in(&t.node, move || flush_tables(&Iptables { mode }))?;
+            eprintln!("{tag} {n:>6} latency done");
+            latency = Some(lat);
+        }
+        drop(topo);
+        ns.clear();
+        let pns = ns.add(&format!("{tag}-peer-{n}"))?;
+        let c = copy.clone();
+        let t = Instant::now();
+        let peer = benchnet::run_in(&pns, move || peer_run(mode, n, &c))
+            .with_context(|| format!("peer, {tag}, {n} Services"))?;
+        eprintln!(
+            "{tag} {n:>6} peer: jumps {}, full restore {}, partial p50 {} [{:.0} s]",
+            fmt_ms(peer.jumps_ms),
+            peer.full_ms
+                .map(fmt_ms)
+                .unwrap_or_else(|| format!("stopped at {} s", args.peer_limit)),
+            fmt_ms(p50(&peer.partial_ms)),
+            secs(t.elapsed())
+        );
+        ns.clear();
+        results.push(SizeResult {
+            mode,
+            n,
+            weft,
+            peer,
+        });
+    }
+
+    let report = report(
+        &args,
+        &load_start,
+        host_mode,
+        &results,
+        latency.as_ref(),
+        started,
+    )?;
+    print!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn report(
+    args: &Args,
+    load_start: &str,
+    host_mode: Mode,
+    results: &[SizeResult],
+    latency: Option<&LatencyRun>,
+    started: Instant,
+) -> anyhow::Result<String> {
+    let ver = |m: Mode| {
+        benchnet::run(&m.tool("iptables"), &["--version"])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut modes: Vec<Mode> = Vec::new();
+    for s in results {
+        if !modes.contains(&s.mode) {
+            modes.push(s.mode);
+        }
+    }
+    let mut r = benchnet::report_header("weft services (iptables) benchmark", load_start);
+    writeln!(
+        r,
+        "Scale: N Services x {} endpoints (ClusterIP, one TCP port; N - 1 generated + the probe Service, which has 1 endpoint); {} endpoint changes, {} additions and {} removals per size; tools: {}  ",
+        args.endpoints,
+        args.changes,
+        args.adds,
+        args.adds,
+        modes
+            .iter()
+            .map(|m| format!("`{}`", ver(*m)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(r, "weft-agent: {}  ", source_revision())?;
+    writeln!(
+        r,
+        "Host iptables mode (kube-proxy's rule: the implementation holding more rules, nft on a tie): {}; peer full restores stopped after {} s; whole run {:.0} s\n",
+        host_mode.as_str(),
+        args.peer_limit,
+        secs(started.elapsed())
+    )?;
+    let cpu = |u: f64, s: f64| format!("{} / {}", fmt_ms(u), fmt_ms(s));
+    let peer_full = |p: &PeerRun| match p.full_ms {
+        Some(v) => format!("**{}**", fmt_ms(v)),
+        None => format!("**> {} s** (stopped)", args.peer_limit),
+    };
+    // weft / peer full restore: a bound when the peer was stopped.
+    let ratio_full = |weft_ms: f64, p: &PeerRun| match p.full_ms {
+        Some(v) => format!("{:.3}x", weft_ms / v),
+        None => format!("< {:.3}x", weft_ms / (args.peer_limit as f64 * 1e3)),
+    };
+
+    writeln!(
+        r,
+        "Full sync into an empty namespace (weft: its first `apply`; list / restore / jumps: replicas of the apply's first and last parts timed apart, restore = the rest; CPU: of the iptables processes, user / system; after each full sync the chains and the services chain's rules were checked in the kernel):\n"
+    )?;
+    writeln!(
+        r,
+        "| mode | N | weft chains / rules | **weft full sync** | of which list / restore / jumps | weft iptables CPU | weft full resync onto its rules (restart) | kube-proxy-shaped chains / rules | peer jumps, then full restore | peer iptables CPU | weft full sync / peer full restore |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for s in results {
+        let w = &s.weft;
+        let resync: Vec<f64> = w.resync.iter().map(Step::total).collect();
+        let restore = w.full_ms - w.existing_ms - w.hooks_ms;
+        writeln!(
+            r,
+            "| {} | {} | {} / {} | **{}** | {} / {} / {} | {} | {} | {} / {} | {} ({} calls), {} | {} | **{}** |",
+            s.mode.as_str(),
+            s.n,
+            w.chains,
+            w.rules,
+            fmt_ms(w.full_ms),
+            fmt_ms(w.existing_ms),
+            fmt_ms(restore),
+            fmt_ms(w.hooks_ms),
+            cpu(w.full_user_ms, w.full_sys_ms),
+            fmt_ms(p50(&resync)),
+            s.peer.chains,
+            s.peer.rules,
+            fmt_ms(s.peer.jumps_ms),
+            s.peer.jump_calls,
+            peer_full(&s.peer),
+            cpu(s.peer.full_user_ms, s.peer.full_sys_ms),
+            ratio_full(w.full_ms, &s.peer)
+        )?;
+    }
+    writeln!(r)?;
+
+    writeln!(
+        r,
+        "Single changes (weft: the plan rebuilt from the whole view, then `apply`, as the agent does per change; peer: kube-proxy's partial restore of the same endpoint change; p50 / max):\n"
+    )?;
+    writeln!(
+        r,
+        "| mode | N | **weft endpoint change** | of which apply | chains / bytes restored | weft add Service | weft remove Service | weft no-op | peer partial restore | weft / peer partial (p50) | weft change (p50) / peer full restore |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let pm = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} / {}", fmt_ms(p50(v)), fmt_ms(max(v)))
+        }
+    };
+    let tot = |v: &[Step]| v.iter().map(Step::total).collect::<Vec<_>>();
+    for s in results {
+        let ep = tot(&s.weft.endpoint);
+        let apply: Vec<f64> = s.weft.endpoint.iter().map(|x| x.apply_ms).collect();
+        let last = s.weft.endpoint.last().cloned().unwrap_or_default();
+        let ratio_partial = if s.peer.partial_ms.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}x", p50(&ep) / p50(&s.peer.partial_ms))
+        };
+        writeln!(
+            r,
+            "| {} | {} | **{}** | {} | {} / {} B | {} | {} | {} | {} | {} | {} |",
+            s.mode.as_str(),
+            s.n,
+            pm(&ep),
+            pm(&apply),
+            last.chains,
+            last.bytes,
+            pm(&tot(&s.weft.add)),
+            pm(&tot(&s.weft.remove)),
+            pm(&tot(&s.weft.noop)),
+            pm(&s.peer.partial_ms),
+            ratio_partial,
+            ratio_full(p50(&ep), &s.peer)
+        )?;
+    }
+    writeln!(r)?;
+
+    writeln!(
+        r,
+        "Where an endpoint change goes (p50 of each part; iptables-restore: the apply's input replayed on its own right after the apply; the rest of the apply: rendering and comparing the changed Service, the shared chains, spawning; CPU: of the iptables processes during the apply, user / system, mean per change, sampled at the scheduler tick):\n"
+    )?;
+    writeln!(
+        r,
+        "| mode | N | plan build | apply | of which iptables-restore | rest of apply | weft total | weft iptables CPU | peer partial iptables CPU |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|")?;
+    for s in results {
+        let e = &s.weft.endpoint;
+        let col = |f: &dyn Fn(&Step) -> f64| p50(&e.iter().map(f).collect::<Vec<_>>());
+        // CPU times are sampled at the scheduler tick: a mean, not a median.
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let replay = |x: &Step| x.replay_ms.unwrap_or(f64::NAN);
+        writeln!(
+            r,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.mode.as_str(),
+            s.n,
+            fmt_ms(col(&|x| x.build_ms)),
+            fmt_ms(col(&|x| x.apply_ms)),
+            fmt_ms(col(&replay)),
+            fmt_ms(col(&|x| x.apply_ms - replay(x))),
+            fmt_ms(col(&Step::total)),
+            cpu(
+                mean(e.iter().map(|x| x.tool_user_ms).collect()),
+                mean(e.iter().map(|x| x.tool_sys_ms).collect())
+            ),
+            if s.peer.partial_ms.is_empty() {
+                "-".to_string()
+            } else {
+                cpu(
+                    mean(s.peer.partial_user_ms.clone()),
+                    mean(s.peer.partial_sys_ms.clone()),
+                )
+            }
+        )?;
+    }
+    writeln!(r)?;
+
+    let biggest = results.iter().map(|s| s.n).max().unwrap_or(0);
+    writeln!(r, "| target | mode | measured (p50 / max) | met? |")?;
+    writeln!(r, "|---|---|---|---|")?;
+    for s in results.iter().filter(|s| s.n == biggest) {
+        let ep = tot(&s.weft.endpoint);
+        let all: Vec<f64> = s
+            .weft
+            .endpoint
+            .iter()
+            .chain(&s.weft.add)
+            .chain(&s.weft.remove)
+            .map(Step::total)
+            .collect();
+        for (what, v) in [
+            ("endpoint change", &ep),
+            ("any of endpoint change, add, remove", &all),
+        ] {
+            writeln!(
+                r,
+                "| a single change at {} Services applied in <= 100 ms ({what}) | {} | **{} / {}** | {} |",
+                s.n,
+                s.mode.as_str(),
+                fmt_ms(p50(v)),
+                fmt_ms(max(v)),
+                if max(v) <= 100.0 {
+                    "yes"
+                } else if p50(v) <= 100.0 {
+                    "p50 yes, max **no**"
+                } else {
+                    "**no**"
+                }
+            )?;
+        }
+    }
+    writeln!(r)?;
+
+    let each = |f: &dyn Fn(&SizeResult) -> String| {
+        results
+            .iter()
+            .map(|s| format!("{} {}: {}", s.mode.as_str(), s.n, f(s)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    writeln!(
+        r,
+        "Plan build of the whole view before the full sync: {}.  ",
+        each(&|s| fmt_ms(s.weft.build_ms))
+    )?;
+    writeln!(
+        r,
+        "Generating the peer's text: {}.  ",
+        each(&|s| fmt_ms(s.peer.generate_ms))
+    )?;
+    writeln!(
+        r,
+        "Restore input, full: {}.  ",
+        each(&|s| format!(
+            "weft {:.1} MB, peer {:.1} MB, peer partial {:.2} MB",
+            s.weft.full_bytes as f64 / 1e6,
+            s.peer.bytes as f64 / 1e6,
+            s.peer.partial_bytes as f64 / 1e6
+        ))
+    )?;
+    let stopped: Vec<String> = results
+        .iter()
+        .filter_map(|s| {
+            s.peer
+                .loaded_ms
+                .map(|v| format!("{} {}: {}", s.mode.as_str(), s.n, fmt_ms(v)))
+        })
+        .collect();
+    if !stopped.is_empty() {
+        writeln!(
+            r,
+            "Peer full restores stopped at the limit: the same rules were then loaded with a flushing restore (no `--noflush`) and the jumps, untimed for the tables, for the partial restores: {}.  ",
+            stopped.join("; ")
+        )?;
+    }
+    writeln!(
+        r,
+        "Emptying the tables afterwards (weft / peer): {}.\n",
+        each(&|s| format!(
+            "{} / {}",
+            if s.weft.flush_ms > 0.0 {
+                fmt_ms(s.weft.flush_ms)
+            } else {
+                "- (kept for the latency phase)".to_string()
+            },
+            fmt_ms(s.peer.flush_ms)
+        ))
+    )?;
+
+    if let Some(l) = latency {
+        writeln!(
+            r,
+            "New-connection latency ({} mode, rules by weft in the node namespace; {} timed blocking connect()s per row, targets alternating; microseconds):\n",
+            l.mode.as_str(),
+            args.connects
+        )?;
+        writeln!(r, "| rules in the node | target | p50 | p90 | p99 | max |")?;
+        writeln!(r, "|---|---|---|---|---|---|")?;
+        for (phase, target, s) in &l.rows {
+            writeln!(
+                r,
+                "| {phase} | {target} | **{:.0}** | {:.0} | **{:.0}** | {:.0} |",
+                s.p50, s.p90, s.p99, s.max
+            )?;
+        }
+        writeln!(r)?;
+        let find = |phase: &str, target: &str| {
+            l.rows
+                .iter()
+                .find(|(p, t, _)| p.starts_with(phase) && *t == target)
+                .map(|(_, _, s)| *s)
+        };
+        let big = format!("{} Services", l.services);
+        if let (Some(c), Some(p), Some(base)) = (
+            find(&big, "cluster IP"),
+            find(&big, "pod IP"),
+            find("no rules", "pod IP"),
+        ) {
+            writeln!(r, "| ratio | p50 | p99 |")?;
+            writeln!(r, "|---|---|---|")?;
+            writeln!(
+                r,
+                "| cluster IP at {big} / pod IP at {big} | **{:.2}x** | {:.2}x |",
+                c.p50 / p.p50,
+                c.p99 / p.p99
+            )?;
+            writeln!(
+                r,
+                "| cluster IP at {big} / pod IP with no rules | **{:.2}x** | {:.2}x |",
+                c.p50 / base.p50,
+                c.p99 / base.p99
+            )?;
+            if let Some(one) = find("probe Service only", "cluster IP") {
+                writeln!(
+                    r,
+                    "| cluster IP, probe Service only / pod IP with no rules | {:.2}x | {:.2}x |",
+                    one.p50 / base.p50,
+                    one.p99 / base.p99
+                )?;
+            }
+            writeln!(r)?;
+        }
+        writeln!(
+            r,
+            "The {big} case is the weft run of the tables above ({} mode, N = {}), measured after its changes; the probe-only case is a first apply of the probe alone after emptying the tables ({}).",
+            l.mode.as_str(),
+            l.services,
+            fmt_ms(l.probe_apply_ms)
+        )?;
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_shape() {
+        let view = view_of((0..3).map(|i| bench_service(i, 2)));
+        let plan = build(&view, &plan_config());
+        let full = kube_proxy_restore(&plan, None);
+        assert!(full.starts_with("*filter\n") && full.ends_with("COMMIT\n"));
+        let services: Vec<&str> = full
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES -d"))
+            .collect();
+        assert_eq!(services.len(), 3);
+        assert!(services[0].contains("\"bench/svc-00000:http cluster IP\""));
+        assert_eq!(full.matches(":KUBE-SEP-").count(), 6);
+        assert!(full.contains("--probability 0.5000000000 -j KUBE-SEP-"));
+        let only = BTreeSet::from([(NAMESPACE.to_string(), "svc-00001".to_string())]);
+        let partial = kube_proxy_restore(&plan, Some(&only));
+        assert_eq!(partial.matches(":KUBE-SEP-").count(), 2);
+        assert_eq!(partial.matches("-A KUBE-SERVICES -d").count(), 3);
+        for l in full.lines().filter(|l| l.starts_with(':')) {
+            assert!(l.len() - ":".len() - " - [0:0]".len() <= 28, "{l}");
+        }
+    }
+
+    #[test]
+    fn addresses_fit_the_plan() {
+        assert_eq!(cluster_ip(0).to_string(), "198.19.1.1");
+        assert_eq!(cluster_ip(9999).to_string(), "198.19.40.250");
+        let cidr = plan_config().cluster_cidr;
+        for c in 0..600 {
+            assert!(cidr.contains(fresh_endpoint(c)));
+        }
+        for k in [0, 31_999, 99_999] {
+            assert!(cidr.contains(endpoint_ip(k).parse().unwrap()));
+        }
+    }
+}

@@ -34,11 +34,12 @@
 //! The probe Service (cluster IP 198.19.254.1:80 -> server:8080) is part of
 //! every view and sorts last, so its rule is the last of the N in
 //! `WEFT-SERVICES`. The weft run at the latency size happens in the node
-//! namespace; around it, sequential blocking `connect()`s from the client,
-//! alternating cluster IP and pod IP, timed from the call to its return (SYN
-//! out, SYN-ACK back); the client then waits for the server's close
-//! (untimed) and resets. Measured with no rules, with N Services, and with
-//! the probe Service alone.
+//! namespace. Sequential blocking `connect()`s from the client, alternating
+//! cluster IP and pod IP, timed from the call to its return (SYN out,
+//! SYN-ACK back); the client then waits for the server's close (untimed)
+//! and resets. Measured with no rules (before the weft run), with N
+//! Services (right after its full sync), and with the probe Service alone
+//! (after the run, the tables emptied), each after a 3 s pause.
 //!
 //! Run by `cargo xtask bench services`; needs root and iptables (nft and legacy).
 
@@ -56,7 +57,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_agent::dataplane::iptables::{restore_input, Ruleset};
 use weft_agent::dataplane::netfilter::{
-    count_rules, split_rule, Iptables, IptablesDataplane, Mode, HOOKS,
+    count_rules, split_rule, Iptables, IptablesDataplane, Mode,
 };
 use weft_agent::dataplane::plan::{build, PlanConfig, ServicePlan};
 use weft_e2e::bench::{endpoint_ip, ms};
@@ -257,7 +258,11 @@ fn kp_hash(s: &str) -> String {
     let (a, b) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4));
     (0..16)
         .map(|i| {
-            let v = if i < 12 { a >> (i * 5) } else { b >> ((i - 12) * 5) };
+            let v = if i < 12 {
+                a >> (i * 5)
+            } else {
+                b >> ((i - 12) * 5)
+            };
             ALPHABET[(v & 31) as usize] as char
         })
         .collect()
@@ -585,6 +590,21 @@ fn source_revision() -> String {
     )
 }
 
+/// A file removed on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A pause before timing connects: the kernel frees big rulesets (and
+/// deleted namespaces) in the background after the commit returns.
+fn settle() {
+    std::thread::sleep(Duration::from_secs(3));
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -636,12 +656,13 @@ struct WeftRun {
     kernel: (usize, usize),
     build_ms: f64,
     full_ms: f64,
-    /// Replicas of the full sync's two smaller parts, timed apart: reading
-    /// our chains from the empty tables, and inserting the jumps.
-    existing_ms: f64,
-    hooks_ms: f64,
-    full_user_ms: f64,
-    full_sys_ms: f64,
+    /// The full sync's restore input applied alone, with a bare
+    /// `iptables-restore --noflush`, in another fresh namespace: the
+    /// restore's share of the full sync (the rest: listing the tables
+    /// before, the jumps after).
+    alone_ms: f64,
+    alone_user_ms: f64,
+    alone_sys_ms: f64,
     full_bytes: usize,
     noop: Vec<Step>,
     endpoint: Vec<Step>,
@@ -703,9 +724,35 @@ impl Weft {
     }
 }
 
+/// weft's first restore input at size `n`, applied alone (on a thread inside
+/// a fresh namespace, emptied again afterwards): (ms, user ms, sys ms, bytes).
+fn restore_alone(mode: Mode, n: usize, endpoints: usize) -> anyhow::Result<(f64, f64, f64, usize)> {
+    let plan = build(&bench_view(n, endpoints), &plan_config());
+    let dp = IptablesDataplane::new(mode, CLUSTER_CIDR);
+    let input = restore_input(&Ruleset::default(), &dp.desired(&plan, BTreeMap::new()))
+        .context("an empty plan")?;
+    let (took, user, sys) = with_cpu(|| timed_restore(mode, &input, None, false));
+    let took = took?.context("not stopped")?;
+    flush_tables(&Iptables { mode })?;
+    Ok((took, user, sys, input.len()))
+}
+
+/// Where the latency phase's client connects from, and how often.
+struct Probe {
+    client: String,
+    connects: usize,
+}
+
 /// Everything weft does at one size, on a thread inside the namespace.
-/// `keep`: leave the rules in place (the latency phase uses them).
-fn weft_run(mode: Mode, n: usize, args: &ArgsCopy, keep: bool) -> anyhow::Result<WeftRun> {
+/// `keep`: leave the rules in place. `probe`: right after the full sync,
+/// time connects to the probe's cluster IP and the server's pod IP.
+fn weft_run(
+    mode: Mode,
+    n: usize,
+    args: &ArgsCopy,
+    keep: bool,
+    probe: Option<Probe>,
+) -> anyhow::Result<(WeftRun, Vec<Vec<f64>>)> {
     let mut out = WeftRun::default();
     let mut view = bench_view(n, args.endpoints);
     let cfg = plan_config();
@@ -716,16 +763,10 @@ fn weft_run(mode: Mode, n: usize, args: &ArgsCopy, keep: bool) -> anyhow::Result
     dp.conntrack = false;
     (out.chains, out.rules) = rules_in(&dp.desired(&plan, BTreeMap::new()));
     let ipt = Iptables { mode };
-    // What the first apply does before its restore: list the (empty) tables.
     let t = Instant::now();
-    ipt.save("nat")?;
-    ipt.save("filter")?;
-    out.existing_ms = ms(t.elapsed());
-    let t = Instant::now();
-    let (stats, user, sys) = with_cpu(|| dp.apply(&plan, BTreeMap::new()));
+    let stats = dp.apply(&plan, BTreeMap::new());
     out.full_ms = ms(t.elapsed());
     let stats = stats?;
-    (out.full_user_ms, out.full_sys_ms) = (user, sys);
     ensure!(stats.full, "the first apply was not a full one");
     out.full_bytes = stats.bytes;
     let t = Instant::now();
@@ -744,22 +785,11 @@ fn weft_run(mode: Mode, n: usize, args: &ArgsCopy, keep: bool) -> anyhow::Result
         fmt_ms(out.full_ms),
         fmt_ms(ms(t.elapsed()))
     );
-    // What the first apply does after its restore, again: with the jumps
-    // removed, put them back (list each built-in chain, delete, insert).
-    for h in HOOKS {
-        let mut a = vec!["-t", h.table, "-D", h.chain];
-        let words = split_rule(h.rule);
-        a.extend(words.iter().map(String::as_str));
-        ipt.run(&a)?;
+    let mut series = Vec::new();
+    if let Some(p) = probe {
+        settle();
+        series = connect_series(&p.client, vec![probe_addr(), server_addr()], p.connects)?;
     }
-    let t = Instant::now();
-    dp.ensure_hooks()?;
-    out.hooks_ms = ms(t.elapsed());
-    eprintln!(
-        "{} {n:>6} weft: jumps again {}",
-        mode.as_str(),
-        fmt_ms(out.hooks_ms)
-    );
     let mut w = Weft { dp, cfg, plan };
     for _ in 0..3 {
         out.noop.push(w.step(&view, false)?);
@@ -800,7 +830,7 @@ fn weft_run(mode: Mode, n: usize, args: &ArgsCopy, keep: bool) -> anyhow::Result
     if !keep {
         out.flush_ms = ms(flush_tables(&ipt)?);
     }
-    Ok(out)
+    Ok((out, series))
 }
 
 // ---------------------------------------------------------------- peer side
@@ -1198,6 +1228,14 @@ fn max(v: &[f64]) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     benchnet::require_root("weft-services-bench")?;
+    // iptables-legacy serialises on a host-wide lock file (/run/xtables.lock,
+    // shared by every namespace) and retries once a second when another
+    // process holds it. Give this run's tools, weft's and the peer's alike,
+    // their own lock, so unrelated iptables users on the machine do not add
+    // waits. Set before any thread starts.
+    let lock = std::env::temp_dir().join(format!("wsb{}-xtables.lock", std::process::id()));
+    std::env::set_var("XTABLES_LOCKFILE", &lock);
+    let _lock_file = RemoveOnDrop(lock);
     ensure!(args.endpoints > 0, "--endpoints must be at least 1");
     ensure!(args.changes > 0, "--changes must be at least 1");
     ensure!(
@@ -1266,6 +1304,12 @@ fn main() -> anyhow::Result<()> {
     for (mode, n) in runs {
         let tag = mode.as_str();
         let mut ns = Namespaces::new("wsb");
+        // weft's first restore input alone, in its own fresh namespace.
+        let alone_ns = ns.add(&format!("{tag}-alone-{n}"))?;
+        let e = args.endpoints;
+        let alone = benchnet::run_in(&alone_ns, move || restore_alone(mode, n, e))
+            .with_context(|| format!("weft's restore alone, {tag}, {n} Services"))?;
+        ns.clear();
         let with_latency = args.latency_services > 0 && (mode, n) == lat_key;
         let topo = if with_latency {
             Some(Topology::new(&mut ns, tag)?)
@@ -1283,14 +1327,27 @@ fn main() -> anyhow::Result<()> {
             probe_apply_ms: f64::NAN,
         };
         if let Some(t) = &topo {
+            settle();
             let s = connect_series(&t.client, vec![server_addr()], args.connects)?;
             lat.rows
                 .push(("no rules".into(), "pod IP", summarize(&s[0])));
         }
         let c = copy.clone();
         let t = Instant::now();
-        let weft = benchnet::run_in(&wns, move || weft_run(mode, n, &c, with_latency))
-            .with_context(|| format!("weft, {tag}, {n} Services"))?;
+        let probe = topo.as_ref().map(|t| Probe {
+            client: t.client.clone(),
+            connects: args.connects,
+        });
+        let (mut weft, series) =
+            benchnet::run_in(&wns, move || weft_run(mode, n, &c, with_latency, probe))
+                .with_context(|| format!("weft, {tag}, {n} Services"))?;
+        ensure!(
+            alone.3 == weft.full_bytes,
+            "the restore applied alone ({} bytes) is not the full sync's ({} bytes)",
+            alone.3,
+            weft.full_bytes
+        );
+        (weft.alone_ms, weft.alone_user_ms, weft.alone_sys_ms) = (alone.0, alone.1, alone.2);
         eprintln!(
             "{tag} {n:>6} weft: full sync {}, endpoint change p50 {} (build+apply), add p50 {}, remove p50 {} [{:.0} s]",
             fmt_ms(weft.full_ms),
@@ -1300,11 +1357,10 @@ fn main() -> anyhow::Result<()> {
             secs(t.elapsed())
         );
         if let Some(t) = &topo {
-            let s = connect_series(&t.client, vec![probe_addr(), server_addr()], args.connects)?;
             let label = format!("{n} Services (probe last)");
             lat.rows
-                .push((label.clone(), "cluster IP", summarize(&s[0])));
-            lat.rows.push((label, "pod IP", summarize(&s[1])));
+                .push((label.clone(), "cluster IP", summarize(&series[0])));
+            lat.rows.push((label, "pod IP", summarize(&series[1])));
             // The probe alone: empty the tables, then a first apply of it.
             lat.probe_apply_ms = benchnet::run_in(&t.node, move || {
                 flush_tables(&Iptables { mode })?;
@@ -1315,6 +1371,7 @@ fn main() -> anyhow::Result<()> {
                 dp.apply(&plan, BTreeMap::new())?;
                 Ok(ms(t.elapsed()))
             })?;
+            settle();
             let s = connect_series(&t.client, vec![probe_addr(), server_addr()], args.connects)?;
             let label = "probe Service only".to_string();
             lat.rows
@@ -1418,29 +1475,27 @@ fn report(
 
     writeln!(
         r,
-        "Full sync into an empty namespace (weft: its first `apply`; list / restore / jumps: replicas of the apply's first and last parts timed apart, restore = the rest; CPU: of the iptables processes, user / system; after each full sync the chains and the services chain's rules were checked in the kernel):\n"
+        "Full sync into an empty namespace (weft: its first `apply`; of which restore: the same input applied alone with a bare `iptables-restore --noflush` in another fresh namespace, the rest being the listing of the tables before and the 12 jumps after; CPU: of the iptables processes, user / system; after each full sync the chains and the services chain's rules were checked in the kernel):\n"
     )?;
     writeln!(
         r,
-        "| mode | N | weft chains / rules | **weft full sync** | of which list / restore / jumps | weft iptables CPU | weft full resync onto its rules (restart) | kube-proxy-shaped chains / rules | peer jumps, then full restore | peer iptables CPU | weft full sync / peer full restore |"
+        "| mode | N | weft chains / rules | **weft full sync** | of which restore / the rest | weft restore CPU | weft full resync onto its rules (restart) | kube-proxy-shaped chains / rules | peer jumps, then full restore | peer restore CPU | weft restore / peer restore | weft full sync / peer jumps + restore |"
     )?;
-    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for s in results {
         let w = &s.weft;
         let resync: Vec<f64> = w.resync.iter().map(Step::total).collect();
-        let restore = w.full_ms - w.existing_ms - w.hooks_ms;
         writeln!(
             r,
-            "| {} | {} | {} / {} | **{}** | {} / {} / {} | {} | {} | {} / {} | {} ({} calls), {} | {} | **{}** |",
+            "| {} | {} | {} / {} | **{}** | {} / {} | {} | {} | {} / {} | {} ({} calls), {} | {} | **{}** | {} |",
             s.mode.as_str(),
             s.n,
             w.chains,
             w.rules,
             fmt_ms(w.full_ms),
-            fmt_ms(w.existing_ms),
-            fmt_ms(restore),
-            fmt_ms(w.hooks_ms),
-            cpu(w.full_user_ms, w.full_sys_ms),
+            fmt_ms(w.alone_ms),
+            fmt_ms(w.full_ms - w.alone_ms),
+            cpu(w.alone_user_ms, w.alone_sys_ms),
             fmt_ms(p50(&resync)),
             s.peer.chains,
             s.peer.rules,
@@ -1448,7 +1503,14 @@ fn report(
             s.peer.jump_calls,
             peer_full(&s.peer),
             cpu(s.peer.full_user_ms, s.peer.full_sys_ms),
-            ratio_full(w.full_ms, &s.peer)
+            ratio_full(w.alone_ms, &s.peer),
+            match s.peer.full_ms {
+                Some(v) => format!("{:.3}x", w.full_ms / (v + s.peer.jumps_ms)),
+                None => format!(
+                    "< {:.3}x",
+                    w.full_ms / (args.peer_limit as f64 * 1e3 + s.peer.jumps_ms)
+                ),
+            }
         )?;
     }
     writeln!(r)?;

@@ -17,6 +17,7 @@
 //! accepts pod and service traffic on hosts whose FORWARD policy is DROP.
 
 use super::plan::{FrontendKind, PlannedService, ServicePlan, Target};
+use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use weft_model::view::Protocol;
@@ -82,8 +83,10 @@ fn comment(svc: &PlannedService, i: usize) -> String {
 pub struct ServiceRules {
     /// Its own nat chains (`WEFT-SVC-*`, `WEFT-SVL-*`, `WEFT-EXT-*`).
     pub chains: Vec<(String, Vec<String>)>,
-    /// Its rules in nat `WEFT-SERVICES`.
-    pub services: Vec<String>,
+    /// Its rules for cluster, external and load-balancer IPs, with the
+    /// address each matches (they go into the `WEFT-SVCS-*` bucket of the
+    /// address's /24).
+    pub services: Vec<(std::net::IpAddr, String)>,
     /// Its rules in nat `WEFT-NODEPORTS`.
     pub nodeports: Vec<String>,
     /// Its rules in filter `WEFT-SERVICES` (no usable endpoint: REJECT).
@@ -114,15 +117,25 @@ pub fn shared_chains<'a>(
     cluster_cidr: &str,
     rs: &mut Ruleset,
 ) {
-    let mut services = Vec::new();
+    let mut buckets: BTreeMap<(IpNetwork, String), Vec<String>> = BTreeMap::new();
     let mut nodeports = Vec::new();
     let mut reject = Vec::new();
     let mut local = BTreeSet::new();
     for part in parts {
-        services.extend(part.services.iter().cloned());
+        for (ip, rule) in &part.services {
+            buckets.entry(bucket(*ip)).or_default().push(rule.clone());
+        }
         nodeports.extend(part.nodeports.iter().cloned());
         reject.extend(part.reject.iter().cloned());
         local.extend(part.local.iter().copied());
+    }
+    // Two levels: a packet walks the /24 jumps, then one bucket — not every
+    // Service's rule (a linear chain of 10,000 rules costs every new
+    // connection), and a Service added or removed rewrites one bucket.
+    let mut services = Vec::with_capacity(buckets.len() + 1);
+    for ((net, chain), rules) in buckets {
+        services.push(format!("-d {net} -j {chain}"));
+        rs.nat.insert(chain, rules);
     }
     services.push("-m addrtype --dst-type LOCAL -j WEFT-NODEPORTS".into());
     rs.nat.insert("WEFT-SERVICES".into(), services);
@@ -162,6 +175,30 @@ pub fn shared_chains<'a>(
             format!("-d {cluster_cidr} -m comment --comment \"pod traffic\" -j ACCEPT"),
         ],
     );
+}
+
+/// Prefix of the chains that hold the frontends of one /24 (IPv4) or /120 (IPv6).
+pub const BUCKET_PREFIX: &str = "WEFT-SVCS-";
+
+/// The bucket of a frontend address: its network and chain.
+fn bucket(ip: std::net::IpAddr) -> (IpNetwork, String) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let net = u32::from(v4) & 0xffff_ff00;
+            let network = IpNetwork::new(std::net::Ipv4Addr::from(net).into(), 24)
+                .expect("24 is a valid IPv4 prefix");
+            (network, format!("{BUCKET_PREFIX}{net:08X}"))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !0xff;
+            let network = IpNetwork::new(std::net::Ipv6Addr::from(net).into(), 120)
+                .expect("120 is a valid IPv6 prefix");
+            (
+                network,
+                format!("{BUCKET_PREFIX}{}", &hash(&network.to_string())),
+            )
+        }
+    }
 }
 
 /// One Service's rules.
@@ -246,9 +283,12 @@ pub fn render_service(svc: &PlannedService, cluster_cidr: &str) -> ServiceRules 
             .iter()
             .filter(|f| f.kind == FrontendKind::ClusterIP)
         {
-            out.services.push(format!(
-                "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {internal}",
-                f.ip, f.port
+            out.services.push((
+                f.ip,
+                format!(
+                    "-d {}/32 -p {p} -m {p} --dport {} -m comment --comment {c} -j {internal}",
+                    f.ip, f.port
+                ),
             ));
         }
         if !frontends.iter().any(|f| f.kind.external()) {
@@ -280,7 +320,7 @@ pub fn render_service(svc: &PlannedService, cluster_cidr: &str) -> ServiceRules 
             if f.kind == FrontendKind::NodePort {
                 out.nodeports.push(rule);
             } else {
-                out.services.push(rule);
+                out.services.push((f.ip, rule));
             }
         }
     }
@@ -445,10 +485,13 @@ mod tests {
         for name in rs.nat.keys().chain(rs.filter.keys()) {
             assert!(name.starts_with("WEFT-") && name.len() <= 28, "{name}");
         }
+        // two levels: the /24 jumps, then the frontends of that /24
         let services = &rs.nat["WEFT-SERVICES"];
+        assert_eq!(services[0], "-d 198.19.0.0/24 -j WEFT-SVCS-C6130000");
+        let bucket = &rs.nat["WEFT-SVCS-C6130000"];
         assert!(
-            services[0].starts_with("-d 198.19.0.20/32 -p tcp -m tcp --dport 80"),
-            "{services:?}"
+            bucket[0].starts_with("-d 198.19.0.20/32 -p tcp -m tcp --dport 80"),
+            "{bucket:?}"
         );
         assert_eq!(
             services.last().unwrap(),

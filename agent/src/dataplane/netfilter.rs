@@ -12,6 +12,7 @@
 
 use super::iptables::{
     render, render_service, restore_input_partial, shared_chains, Ruleset, ServiceRules,
+    BUCKET_PREFIX,
 };
 use super::plan::PlannedService;
 use super::plan::{FrontendKind, ServicePlan, Target};
@@ -546,11 +547,15 @@ impl IptablesDataplane {
         });
         shared_chains(parts, &self.cluster_cidr, &mut want);
         let want = with_fixed_chains(want, hostports);
-        // hostPort chains come and go with the pods.
+        // hostPort chains come and go with the pods, frontend buckets with
+        // the Services.
         maybe_gone.extend(
             have.nat
                 .keys()
-                .filter(|k| k.starts_with("WEFT-HP-") && !want.nat.contains_key(*k))
+                .filter(|k| {
+                    (k.starts_with("WEFT-HP-") || k.starts_with(BUCKET_PREFIX))
+                        && !want.nat.contains_key(*k)
+                })
                 .cloned(),
         );
         let mut gone_filter = BTreeSet::new();

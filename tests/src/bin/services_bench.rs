@@ -31,9 +31,11 @@
 //! Latency: namespaces client <-> node <-> server (veths; client
 //! 198.18.128.10/24, server 198.18.129.10/24, the node routes between them
 //! and holds the rules, in the host's iptables mode as kube-proxy picks it).
-//! The probe Service (cluster IP 198.19.254.1:80 -> server:8080) is part of
-//! every view and sorts last, so its rule is the last of the N in
-//! `WEFT-SERVICES`. The weft run at the latency size happens in the node
+//! The probe Service (port 80 -> server:8080) is part of every view, sorts
+//! last by name and has the address after the last generated Service's in
+//! the same /24 (198.19.40.251 at N = 10,000), so its frontend rule is the
+//! last one a new connection can meet, in one list or in per-/24 buckets.
+//! The weft run at the latency size happens in the node
 //! namespace. Sequential blocking `connect()`s from the client, alternating
 //! cluster IP and pod IP, timed from the call to its return (SYN out,
 //! SYN-ACK back); the client then waits for the server's close (untimed)
@@ -128,7 +130,6 @@ const TARGET_PORT: u16 = 8080;
 const CLIENT_IP: &str = "198.18.128.10";
 const SERVER_IP: &str = "198.18.129.10";
 const PROBE_NAME: &str = "zz-probe";
-const PROBE_IP: &str = "198.19.254.1";
 /// kube-proxy's large-cluster mode starts above this many endpoints.
 const KP_LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
@@ -189,12 +190,23 @@ fn bench_service(i: usize, e: usize) -> ServiceEntry {
     service(format!("svc-{i:05}"), cluster_ip(i), backends)
 }
 
-/// The probe Service: one endpoint, the latency phase's server. Its name
-/// sorts after every `svc-*`, so its rules come last.
-fn probe_service() -> ServiceEntry {
+/// The probe's cluster IP in a view of size `n`: host .251 of the /24 of
+/// the last generated Service (generated ones use .1 to .250). With its
+/// name sorting after every `svc-*`, its rule is the last one whether the
+/// frontends are one list or bucketed by address.
+fn probe_ip(n: usize) -> IpAddr {
+    let IpAddr::V4(last) = cluster_ip(n.saturating_sub(2)) else {
+        unreachable!("cluster IPs are IPv4")
+    };
+    let [a, b, c, _] = last.octets();
+    IpAddr::from([a, b, c, 251])
+}
+
+/// The probe Service: one endpoint, the latency phase's server.
+fn probe_service(n: usize) -> ServiceEntry {
     service(
         PROBE_NAME.into(),
-        PROBE_IP.parse().expect("valid address"),
+        probe_ip(n),
         vec![backend(SERVER_IP.parse().expect("valid address"), 0)],
     )
 }
@@ -204,7 +216,7 @@ fn bench_view(n: usize, e: usize) -> NodeView {
     view_of(
         (0..n.saturating_sub(1))
             .map(|i| bench_service(i, e))
-            .chain([probe_service()]),
+            .chain([probe_service(n)]),
     )
 }
 
@@ -599,7 +611,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// A pause before timing connects: the kernel frees big rulesets (and
+/// A pause before a measured phase: the kernel frees big rulesets (and
 /// deleted namespaces) in the background after the commit returns.
 fn settle() {
     std::thread::sleep(Duration::from_secs(3));
@@ -788,7 +800,7 @@ fn weft_run(
     let mut series = Vec::new();
     if let Some(p) = probe {
         settle();
-        series = connect_series(&p.client, vec![probe_addr(), server_addr()], p.connects)?;
+        series = connect_series(&p.client, vec![probe_addr(n), server_addr()], p.connects)?;
     }
     let mut w = Weft { dp, cfg, plan };
     for _ in 0..3 {
@@ -1193,8 +1205,8 @@ fn server_addr() -> SocketAddr {
     SocketAddr::new(SERVER_IP.parse().expect("valid address"), TARGET_PORT)
 }
 
-fn probe_addr() -> SocketAddr {
-    SocketAddr::new(PROBE_IP.parse().expect("valid address"), PORT)
+fn probe_addr(n: usize) -> SocketAddr {
+    SocketAddr::new(probe_ip(n), PORT)
 }
 
 // ---------------------------------------------------------------- main
@@ -1261,6 +1273,7 @@ fn main() -> anyhow::Result<()> {
         })?;
     }
     let load_start = benchnet::loadavg();
+    let revision = source_revision();
     let started = Instant::now();
     let host_mode = Mode::detect();
     let copy = ArgsCopy {
@@ -1307,6 +1320,7 @@ fn main() -> anyhow::Result<()> {
         // weft's first restore input alone, in its own fresh namespace.
         let alone_ns = ns.add(&format!("{tag}-alone-{n}"))?;
         let e = args.endpoints;
+        settle();
         let alone = benchnet::run_in(&alone_ns, move || restore_alone(mode, n, e))
             .with_context(|| format!("weft's restore alone, {tag}, {n} Services"))?;
         ns.clear();
@@ -1333,6 +1347,7 @@ fn main() -> anyhow::Result<()> {
                 .push(("no rules".into(), "pod IP", summarize(&s[0])));
         }
         let c = copy.clone();
+        settle();
         let t = Instant::now();
         let probe = topo.as_ref().map(|t| Probe {
             client: t.client.clone(),
@@ -1366,13 +1381,13 @@ fn main() -> anyhow::Result<()> {
                 flush_tables(&Iptables { mode })?;
                 let mut dp = IptablesDataplane::new(mode, CLUSTER_CIDR);
                 dp.conntrack = false;
-                let plan = build(&view_of([probe_service()]), &plan_config());
+                let plan = build(&view_of([probe_service(n)]), &plan_config());
                 let t = Instant::now();
                 dp.apply(&plan, BTreeMap::new())?;
                 Ok(ms(t.elapsed()))
             })?;
             settle();
-            let s = connect_series(&t.client, vec![probe_addr(), server_addr()], args.connects)?;
+            let s = connect_series(&t.client, vec![probe_addr(n), server_addr()], args.connects)?;
             let label = "probe Service only".to_string();
             lat.rows
                 .push((label.clone(), "cluster IP", summarize(&s[0])));
@@ -1385,6 +1400,7 @@ fn main() -> anyhow::Result<()> {
         ns.clear();
         let pns = ns.add(&format!("{tag}-peer-{n}"))?;
         let c = copy.clone();
+        settle();
         let t = Instant::now();
         let peer = benchnet::run_in(&pns, move || peer_run(mode, n, &c))
             .with_context(|| format!("peer, {tag}, {n} Services"))?;
@@ -1409,6 +1425,7 @@ fn main() -> anyhow::Result<()> {
     let report = report(
         &args,
         &load_start,
+        &revision,
         host_mode,
         &results,
         latency.as_ref(),
@@ -1424,6 +1441,7 @@ fn main() -> anyhow::Result<()> {
 fn report(
     args: &Args,
     load_start: &str,
+    revision: &str,
     host_mode: Mode,
     results: &[SizeResult],
     latency: Option<&LatencyRun>,
@@ -1454,7 +1472,7 @@ fn report(
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    writeln!(r, "weft-agent: {}  ", source_revision())?;
+    writeln!(r, "weft-agent: {revision} (at the start of the run)  ")?;
     writeln!(
         r,
         "Host iptables mode (kube-proxy's rule: the implementation holding more rules, nft on a tie): {}; peer full restores stopped after {} s; whole run {:.0} s\n",
@@ -1788,6 +1806,9 @@ mod tests {
     fn addresses_fit_the_plan() {
         assert_eq!(cluster_ip(0).to_string(), "198.19.1.1");
         assert_eq!(cluster_ip(9999).to_string(), "198.19.40.250");
+        assert_eq!(probe_ip(10000).to_string(), "198.19.40.251");
+        assert_eq!(probe_ip(1000).to_string(), "198.19.4.251");
+        assert_eq!(probe_ip(2).to_string(), "198.19.1.251");
         let cidr = plan_config().cluster_cidr;
         for c in 0..600 {
             assert!(cidr.contains(fresh_endpoint(c)));

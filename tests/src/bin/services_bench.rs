@@ -1766,7 +1766,7 @@ fn report(
         }
         writeln!(
             r,
-            "The {big} case is the weft run of the tables above ({} mode, N = {}), measured after its changes; the probe-only case is a first apply of the probe alone after emptying the tables ({}).",
+            "The {big} case is the weft run of the tables above ({} mode, N = {}), measured right after its full sync (before its changes); the probe-only case is a first apply of the probe alone after that run, the tables emptied first ({}).",
             l.mode.as_str(),
             l.services,
             fmt_ms(l.probe_apply_ms)

@@ -563,18 +563,20 @@ impl IptablesDataplane {
             // Everything of ours the kernel has that is not wanted goes.
             maybe_gone.extend(have.nat.keys().cloned());
             gone_filter.extend(have.filter.keys().cloned());
+            // The jumps go in before the rules: while our chains are still
+            // small (legacy iptables rewrites the whole table per insert),
+            // creating the hooked chains first if they do not exist yet (an
+            // existing chain keeps serving until the restore replaces it).
+            if let Err(e) = self.hooks_first(&have) {
+                self.rendered.clear();
+                return Err(e);
+            }
         }
         if let Some(input) = restore_input_partial(&have, &want, &maybe_gone, &gone_filter) {
             stats.chains = input.lines().filter(|l| l.starts_with(':')).count();
             stats.bytes = input.len();
             if let Err(e) = self.ipt.restore(&input) {
                 // The kernel's state is unknown now: start over next time.
-                self.rendered.clear();
-                return Err(e);
-            }
-        }
-        if stats.full {
-            if let Err(e) = self.ensure_hooks() {
                 self.rendered.clear();
                 return Err(e);
             }
@@ -604,6 +606,30 @@ impl IptablesDataplane {
         }
         self.applied_once = true;
         Ok(stats)
+    }
+
+    /// Create the chains the hooks jump to that `have` lacks, then put the hooks in.
+    fn hooks_first(&self, have: &Ruleset) -> Result<(), Error> {
+        let mut input = String::new();
+        for (table, chains) in [("nat", &have.nat), ("filter", &have.filter)] {
+            let missing: BTreeSet<&str> = HOOKS
+                .iter()
+                .filter(|h| h.table == table)
+                .filter_map(|h| h.rule.rsplit(' ').next())
+                .filter(|c| !chains.contains_key(*c))
+                .collect();
+            if !missing.is_empty() {
+                input.push_str(&format!("*{table}\n"));
+                for c in missing {
+                    input.push_str(&format!(":{c} - [0:0]\n"));
+                }
+                input.push_str("COMMIT\n");
+            }
+        }
+        if !input.is_empty() {
+            self.ipt.restore(&input)?;
+        }
+        self.ensure_hooks()
     }
 
     /// Put our jumps at the top of the built-in chains, in order.

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use weft_agent::dataplane::fixtures;
 use weft_agent::dataplane::iptables::{render, restore_input, Ruleset};
@@ -14,48 +13,8 @@ use weft_agent::dataplane::netfilter::{IptablesDataplane, Mode, CANARY};
 use weft_model::view::{FrontendPort, Protocol, ServiceType};
 use weft_model::{Backend, BackendPort, ServiceEntry};
 
-struct Netns(String);
-
-impl Netns {
-    /// Create `name`, or None when this process may not (not root).
-    fn create(name: String) -> Option<Netns> {
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        ok.then_some(Netns(name))
-    }
-
-    /// Run `f` on a thread inside the namespace (the processes it starts inherit it).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn sh(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod common;
+use common::Netns;
 
 fn restore(ns: &str, input: &str) -> Result<(), String> {
     let mut child = Command::new("ip")
@@ -140,17 +99,13 @@ fn rules(services: Vec<ServiceEntry>) -> Ruleset {
 
 #[test]
 fn iptables_restore_accepts_full_and_partial_updates() {
-    let name = format!("wipt-{}", std::process::id());
-    let ok = Command::new("ip")
-        .args(["netns", "add", &name])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("skipped: cannot create a network namespace (not root?)");
-        return;
-    }
-    let ns = Netns(name);
+    let ns = match Netns::create("ipt") {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: cannot create a network namespace: {why}");
+            return;
+        }
+    };
     let a = rules(vec![
         entry(
             "web",
@@ -223,37 +178,32 @@ fn with_sctp(mut e: ServiceEntry) -> ServiceEntry {
 #[test]
 fn iptables_dataplane_lifecycle_in_both_modes() {
     for mode in [Mode::Nft, Mode::Legacy] {
-        let Some(ns) = Netns::create(format!("wipd-{}-{}", std::process::id(), mode.as_str()))
-        else {
-            eprintln!("skipped: cannot create a network namespace (not root?)");
-            return;
+        let ns = match Netns::create(&format!("ipd-{}", mode.as_str())) {
+            Ok(ns) => ns,
+            Err(why) => {
+                eprintln!("skipped: cannot create a network namespace: {why}");
+                return;
+            }
         };
         let save = mode.tool("iptables-save");
-        let one = fixtures::plan(vec![
-            with_sctp(entry(
-                "web",
-                &[
-                    ("198.18.128.5", "node-1", true),
-                    ("198.18.129.5", "node-2", true),
-                ],
-                false,
-                Some(30),
-            )),
-            entry("local", &[("198.18.128.6", "node-1", true)], true, None),
-            entry("none", &[], false, None),
-        ]);
-        let two = fixtures::plan(vec![
-            with_sctp(entry(
-                "web",
-                &[
-                    ("198.18.128.5", "node-1", true),
-                    ("198.18.129.9", "node-2", true),
-                ],
-                false,
-                Some(30),
-            )),
-            entry("local", &[("198.18.128.6", "node-1", true)], true, None),
-        ]);
+        // "web" (TCP, UDP, SCTP; affinity) with its second endpoint at `second`,
+        // "local" (ETP Local), and optionally "none" (no endpoints: REJECT).
+        let plan = |second: &str, with_none: bool| {
+            let mut services = vec![
+                with_sctp(entry(
+                    "web",
+                    &[("198.18.128.5", "node-1", true), (second, "node-2", true)],
+                    false,
+                    Some(30),
+                )),
+                entry("local", &[("198.18.128.6", "node-1", true)], true, None),
+            ];
+            if with_none {
+                services.push(entry("none", &[], false, None));
+            }
+            fixtures::plan(services)
+        };
+        let (one, two) = (plan("198.18.129.5", true), plan("198.18.129.9", false));
         let (first, again, update, damage, repaired) = ns.run(move || {
             let mut dp = IptablesDataplane::new(mode, fixtures::CLUSTER_CIDR);
             dp.conntrack = false;
@@ -285,7 +235,7 @@ fn iptables_dataplane_lifecycle_in_both_modes() {
             "{m}: the flush is noticed"
         );
         assert!(repaired.full, "{m}: {repaired:?}");
-        let nat = ns.sh(&[&save, "-t", "nat"]);
+        let nat = ns.exec(&[&save, "-t", "nat"]);
         for want in [
             "-A PREROUTING -m comment --comment \"weft service portals\" -j WEFT-SERVICES",
             "-A OUTPUT -m comment --comment \"weft service portals\" -j WEFT-SERVICES",

@@ -2,60 +2,12 @@
 //! this test creates (and removes, even on failure). Needs root; otherwise it
 //! says "skipped" and why.
 
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use weft_agent::overlay::netlink::NetlinkLinks;
 use weft_agent::overlay::{reconcile, vtep_mac, Desired, Links, Op, Peer};
 
-struct Netns(String);
-
-impl Netns {
-    fn create(tag: &str) -> Result<Netns, String> {
-        let name = format!("wov-{}-{tag}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
-        Ok(Netns(name))
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Run `f` on a thread inside the namespace with its own tokio runtime.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod common;
+use common::Netns;
 
 fn desired(peers: usize) -> Desired {
     Desired {
@@ -86,7 +38,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn overlay_is_programmed_repaired_and_stable() {
-    let ns = match Netns::create("a") {
+    let ns = match Netns::create("ov-a") {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: cannot create a network namespace ({why})");
@@ -206,7 +158,7 @@ fn node_desired(me: usize, nodes: usize) -> Desired {
 
 #[test]
 fn two_nodes_reach_each_other_over_vxlan() {
-    let (a, b) = match (Netns::create("n1"), Netns::create("n2")) {
+    let (a, b) = match (Netns::create("ov-n1"), Netns::create("ov-n2")) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(why), _) | (_, Err(why)) => {
             eprintln!("skipped: cannot create a network namespace ({why})");

@@ -5,7 +5,7 @@
 //! (the stream, the local API, DNS) never waits for iptables.
 
 use super::netfilter::IptablesDataplane;
-use super::plan::{build, PlanConfig};
+use super::plan::{PlanBuilder, PlanConfig};
 use crate::health::{Health, Metrics, ServiceHealth, ServiceHealthState};
 use crate::sync::SharedView;
 use std::collections::BTreeMap;
@@ -46,6 +46,8 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
     // healthCheckNodePorts answer on the node's addresses.
     let mut service_health =
         ServiceHealth::new(cfg.plan.node_addresses.clone()).with_proxy_health(health.clone());
+    // Plans only the Services that changed since the last view.
+    let mut planner = PlanBuilder::default();
     let mut check = tokio::time::interval(cfg.check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_full = Instant::now();
@@ -69,7 +71,10 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
                 continue;
             }
             metrics.set_revision(v.rev);
-            (build(&v, &cfg.plan), health_checks(&v, &cfg.plan.node))
+            (
+                planner.build(&v, &cfg.plan),
+                health_checks(&v, &cfg.plan.node),
+            )
         };
         let full_due = last_full.elapsed() >= cfg.full_every;
         if full_due {

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use weft_model::view::Protocol;
 
 /// Which of the kernel's two iptables implementations rules go to.
@@ -413,6 +414,9 @@ pub struct ApplyStats {
     pub endpoints: usize,
 }
 
+/// A planned Service as plans share it.
+type Shared = Arc<PlannedService>;
+
 /// The iptables dataplane. `apply` is synchronous (it runs the iptables
 /// tools); the agent calls it off its async runtime.
 pub struct IptablesDataplane {
@@ -424,7 +428,7 @@ pub struct IptablesDataplane {
     /// Per Service (`namespace/name`): the plan it was last rendered from and
     /// its rules. A Service whose plan is unchanged is neither rendered nor
     /// compared again.
-    rendered: HashMap<String, (PlannedService, ServiceRules)>,
+    rendered: HashMap<String, (Shared, ServiceRules)>,
     /// Whether anything was applied yet (conntrack cleanup needs a before).
     applied_once: bool,
     /// Delete UDP conntrack entries (off where the conntrack tool is absent).
@@ -497,12 +501,12 @@ impl IptablesDataplane {
         let mut want = Ruleset::default();
         let mut maybe_gone: BTreeSet<String> = BTreeSet::new();
         // (old, new) plans of the Services that changed, for conntrack.
-        let mut moved: Vec<(Option<PlannedService>, Option<PlannedService>)> = Vec::new();
+        let mut moved: Vec<(Option<Shared>, Option<Shared>)> = Vec::new();
         let mut present = std::collections::HashSet::with_capacity(plan.services.len());
         for svc in &plan.services {
             let key = format!("{}/{}", svc.namespace, svc.name);
             let fresh = match self.rendered.get(&key) {
-                Some((p, _)) => p != svc,
+                Some((p, _)) => !Arc::ptr_eq(p, svc) && **p != **svc,
                 None => true,
             };
             if fresh {

@@ -5,7 +5,9 @@
 //! the node's settings.
 
 use ipnetwork::IpNetwork;
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use weft_model::view::{FrontendPort, Protocol};
 use weft_model::{Backend, NodeView, ServiceEntry};
 
@@ -93,10 +95,12 @@ pub struct PlannedService {
     pub options: std::collections::BTreeMap<String, String>,
 }
 
-/// Every proxied Service on this node.
+/// Every proxied Service on this node. Services are shared (`Arc`): a
+/// [`PlanBuilder`] hands an unchanged Service's planned form to the next plan
+/// without rebuilding or copying it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePlan {
-    pub services: Vec<PlannedService>,
+    pub services: Vec<Arc<PlannedService>>,
     /// externalIPs that were not programmed because no allow-list range holds them.
     pub denied_external_ips: Vec<(String, IpAddr)>,
     /// Backends never programmed (loopback, link-local, unspecified, multicast).
@@ -155,13 +159,55 @@ fn targets(bs: &[&Backend], port: &FrontendPort, node: &str) -> Vec<Target> {
 
 /// Build the plan for this node from the view.
 pub fn build(view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
-    let mut plan = ServicePlan::default();
-    for svc in view.services.values() {
-        if let Some(p) = plan_service(svc, cfg, &mut plan) {
-            plan.services.push(p);
+    PlanBuilder::default().build(view, cfg)
+}
+
+/// One Service's planned form, and the view entry it was planned from.
+struct Planned {
+    entry: ServiceEntry,
+    service: Option<Arc<PlannedService>>,
+    denied: Vec<(String, IpAddr)>,
+    rejected: Vec<(String, IpAddr)>,
+}
+
+/// Builds plans from successive views, planning again only the Services
+/// whose view entry changed (a change costs one comparison per Service, not
+/// a rebuild of every Service). For one node's settings: use a new builder
+/// when the [`PlanConfig`] changes.
+#[derive(Default)]
+pub struct PlanBuilder {
+    cache: HashMap<(String, String), Planned>,
+}
+
+impl PlanBuilder {
+    pub fn build(&mut self, view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
+        let mut plan = ServicePlan::default();
+        for (key, svc) in &view.services {
+            let current = matches!(self.cache.get(key), Some(p) if p.entry == *svc);
+            if !current {
+                let mut side = ServicePlan::default();
+                let service = plan_service(svc, cfg, &mut side).map(Arc::new);
+                self.cache.insert(
+                    key.clone(),
+                    Planned {
+                        entry: svc.clone(),
+                        service,
+                        denied: side.denied_external_ips,
+                        rejected: side.rejected_backends,
+                    },
+                );
+            }
+            if let Some(p) = self.cache.get(key) {
+                plan.services.extend(p.service.clone());
+                plan.denied_external_ips.extend(p.denied.iter().cloned());
+                plan.rejected_backends.extend(p.rejected.iter().cloned());
+            }
         }
+        if self.cache.len() > view.services.len() {
+            self.cache.retain(|k, _| view.services.contains_key(k));
+        }
+        plan
     }
-    plan
 }
 
 fn plan_service(
@@ -273,4 +319,67 @@ fn plan_service(
         health_check_node_port: svc.health_check_node_port,
         options: svc.options.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{self, backend, node_port_service};
+    use super::*;
+
+    #[test]
+    fn the_builder_plans_only_what_changed() {
+        let view = |second: &str| NodeView {
+            rev: 1,
+            synced: true,
+            services: [
+                node_port_service(
+                    "a",
+                    vec![backend("198.18.128.5", "node-1", true, true, false)],
+                ),
+                node_port_service("b", vec![backend(second, "node-2", true, true, false)]),
+                ServiceEntry {
+                    external_ips: vec!["198.19.254.1".parse().unwrap()],
+                    ..node_port_service(
+                        "c",
+                        vec![backend("127.0.0.1", "node-1", true, true, false)],
+                    )
+                },
+            ]
+            .into_iter()
+            .map(|s| (s.key(), s))
+            .collect(),
+            nodes: Default::default(),
+        };
+        let cfg = fixtures::config();
+        let mut builder = PlanBuilder::default();
+        let one = builder.build(&view("198.18.129.5"), &cfg);
+        assert_eq!(
+            one,
+            build(&view("198.18.129.5"), &cfg),
+            "same plan as a fresh build"
+        );
+        assert_eq!(one.denied_external_ips.len(), 1);
+        assert_eq!(one.rejected_backends.len(), 1);
+        let two = builder.build(&view("198.18.129.9"), &cfg);
+        assert_eq!(two, build(&view("198.18.129.9"), &cfg));
+        assert!(
+            Arc::ptr_eq(&one.services[0], &two.services[0]),
+            "unchanged: shared, not planned again"
+        );
+        assert!(
+            !Arc::ptr_eq(&one.services[1], &two.services[1]),
+            "changed: planned again"
+        );
+        assert_eq!(
+            two.denied_external_ips.len(),
+            1,
+            "side findings kept for unchanged Services"
+        );
+        let mut smaller = view("198.18.129.9");
+        smaller.services.retain(|(_, name), _| name == "a");
+        let three = builder.build(&smaller, &cfg);
+        assert_eq!(three.services.len(), 1);
+        assert!(three.denied_external_ips.is_empty());
+        assert_eq!(builder.cache.len(), 1, "removed Services are forgotten");
+    }
 }

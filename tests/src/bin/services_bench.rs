@@ -61,7 +61,7 @@ use weft_agent::dataplane::iptables::{restore_input, Ruleset};
 use weft_agent::dataplane::netfilter::{
     count_rules, split_rule, Iptables, IptablesDataplane, Mode,
 };
-use weft_agent::dataplane::plan::{build, PlanConfig, ServicePlan};
+use weft_agent::dataplane::plan::{build, PlanBuilder, PlanConfig, ServicePlan};
 use weft_e2e::bench::{endpoint_ip, ms};
 use weft_e2e::benchnet::{self, ip, summarize, Namespaces, Summary};
 use weft_model::view::{FrontendPort, Protocol};
@@ -637,7 +637,8 @@ fn fmt_ms(v: f64) -> String {
 /// One single-change step as the agent pays it.
 #[derive(Clone, Debug, Default)]
 struct Step {
-    /// `plan::build` over the whole view.
+    /// The agent's `PlanBuilder::build` over the whole view (Services
+    /// whose entry is unchanged are compared, not planned again).
     build_ms: f64,
     /// `IptablesDataplane::apply` (render and compare the changed Services,
     /// restore of the changed chains).
@@ -689,6 +690,8 @@ struct WeftRun {
 struct Weft {
     dp: IptablesDataplane,
     cfg: PlanConfig,
+    /// The agent's planner: plans again only the Services that changed.
+    planner: PlanBuilder,
     plan: ServicePlan,
 }
 
@@ -697,7 +700,7 @@ impl Weft {
     /// apply's restore input again on its own (see [`Step::replay_ms`]).
     fn step(&mut self, view: &NodeView, replay: bool) -> anyhow::Result<Step> {
         let t = Instant::now();
-        let plan = build(view, &self.cfg);
+        let plan = self.planner.build(view, &self.cfg);
         let build_ms = ms(t.elapsed());
         let t = Instant::now();
         let (stats, tool_user_ms, tool_sys_ms) = with_cpu(|| self.dp.apply(&plan, BTreeMap::new()));
@@ -769,7 +772,8 @@ fn weft_run(
     let mut view = bench_view(n, args.endpoints);
     let cfg = plan_config();
     let t = Instant::now();
-    let plan = build(&view, &cfg);
+    let mut planner = PlanBuilder::default();
+    let plan = planner.build(&view, &cfg);
     out.build_ms = ms(t.elapsed());
     let mut dp = IptablesDataplane::new(mode, CLUSTER_CIDR);
     dp.conntrack = false;
@@ -802,7 +806,12 @@ fn weft_run(
         settle();
         series = connect_series(&p.client, vec![probe_addr(n), server_addr()], p.connects)?;
     }
-    let mut w = Weft { dp, cfg, plan };
+    let mut w = Weft {
+        dp,
+        cfg,
+        planner,
+        plan,
+    };
     for _ in 0..3 {
         out.noop.push(w.step(&view, false)?);
     }

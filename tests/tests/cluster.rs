@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_e2e::cluster::{
-    connect_from, eventually, http_get, http_text, skip, udp_request, Cluster, Pod, HTTP_PORT,
-    RESYNC_SECONDS, UDP_PORT,
+    connect_from, eventually, http_get, http_status, http_text, skip, udp_request, Cluster, Pod,
+    HTTP_PORT, RESYNC_SECONDS, UDP_PORT,
 };
 
 /// The workload's UDP answer: `NAME:` + payload.
@@ -571,7 +571,7 @@ default_subnet_pools = [ {{ "base" = "198.19.128.0/17", "size" = 24 }} ]
     )?;
     // A registry-free busybox image.
     std::fs::copy("/bin/busybox", root.join("rootfs/bin/busybox"))?;
-    for applet in ["sh", "sleep", "wget", "ip", "cat"] {
+    for applet in ["sh", "sleep", "wget", "ip", "cat", "httpd"] {
         std::os::unix::fs::symlink("busybox", root.join(format!("rootfs/bin/{applet}")))?;
     }
     std::fs::write(
@@ -610,6 +610,9 @@ default_subnet_pools = [ {{ "base" = "198.19.128.0/17", "size" = 24 }} ]
         "pm1",
         "--network",
         "weft",
+        // A hostPort: podman hands it to the plugin as runtimeConfig.portMappings.
+        "-p",
+        "18080:8080",
         img,
         "sleep",
         "600",
@@ -665,6 +668,31 @@ default_subnet_pools = [ {{ "base" = "198.19.128.0/17", "size" = 24 }} ]
         "podman container {ip} on node-1 <-> pod {} on node-2",
         target.ip
     );
+
+    // The hostPort: the claim records it and the agent's rules send the
+    // node's port 18080 to the container's 8080 (busybox httpd), from outside.
+    let text = std::fs::read_to_string(&claim)?;
+    assert!(
+        text.contains("portMapping=tcp/18080/8080"),
+        "the claim does not record the hostPort:\n{text}"
+    );
+    pm.run(&[
+        "exec", "-d", "pm1", "httpd", "-f", "-p", "8080", "-h", "/etc",
+    ])?;
+    let body = eventually(
+        "outside -> hostPort 18080 on node-1",
+        Duration::from_secs(15),
+        || {
+            let (code, body) = http_status(&c.external_ns(), node.ip, 18080, "/group")?;
+            anyhow::ensure!(code == 200, "HTTP {code}");
+            Ok(body)
+        },
+    )?;
+    assert_eq!(
+        body, "root:x:0:\n",
+        "the container's /etc/group via the hostPort"
+    );
+    println!("podman -p 18080:8080: reached from outside through node-1's hostPort");
 
     // Stop: podman runs CNI DEL, the claim and the netns go.
     let sandbox = pm.run(&[

@@ -51,7 +51,8 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
     let mut check = tokio::time::interval(cfg.check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_full = Instant::now();
-    let mut failing = false;
+    // Consecutive failed applies: the retry backs off (1 s doubling to 30 s).
+    let mut failures: u32 = 0;
     loop {
         let mut verify = false;
         tokio::select! {
@@ -135,7 +136,7 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
                 for e in &stats.conntrack_errors {
                     tracing::warn!(error = %e, "conntrack cleanup failed");
                 }
-                if stats.chains > 0 || failing {
+                if stats.chains > 0 || failures > 0 {
                     tracing::info!(
                         chains = stats.chains,
                         bytes = stats.bytes,
@@ -146,7 +147,7 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
                         "services programmed"
                     );
                 }
-                failing = false;
+                failures = 0;
                 health.applied(SystemTime::now());
                 for e in service_health.sync(checks).await {
                     tracing::warn!(error = %e, "healthCheckNodePort not served");
@@ -154,17 +155,23 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             }
             Err(e) => {
                 metrics.sync_error("iptables");
-                tracing::warn!(error = %e, "programming services failed; retrying");
-                failing = true;
-                // Retry soon, without spinning.
+                let delay = retry_delay(failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), attempt = failures, "programming services failed");
+                // Retry without spinning; a view change retries sooner.
                 let poke = poke.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(delay).await;
                     poke.notify_one();
                 });
             }
         }
     }
+}
+
+/// How long to wait before retrying after `failures` failed applies in a row.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(5)).min(Duration::from_secs(30))
 }
 
 /// The hostPort chains from the plugin's claims, and mappings not programmed.
@@ -196,4 +203,16 @@ pub fn health_checks(view: &weft_model::NodeView, node: &str) -> BTreeMap<u16, S
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_thirty_seconds() {
+        let secs: Vec<u64> = (0..8).map(|f| retry_delay(f).as_secs()).collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX).as_secs(), 30);
+    }
 }

@@ -68,12 +68,12 @@ struct Args {
     /// Do not program the overlay (follow the stream only).
     #[arg(long, env = "WEFT_NO_OVERLAY")]
     no_overlay: bool,
-    /// The service dataplane: iptables, or none (Services are not programmed).
-    #[arg(long, env = "WEFT_DATAPLANE", default_value = "iptables", value_parser = ["iptables", "none"])]
-    dataplane: String,
-    /// iptables implementation: auto follows the host (the one holding more rules), or nft / legacy.
-    #[arg(long, env = "WEFT_IPTABLES_MODE", default_value = "auto", value_parser = ["auto", "nft", "legacy"])]
-    iptables_mode: String,
+    /// The service dataplane (none: Services are not programmed).
+    #[arg(long, env = "WEFT_DATAPLANE", value_enum, default_value_t = DataplaneKind::Iptables)]
+    dataplane: DataplaneKind,
+    /// iptables implementation: auto follows the host (the one holding more rules, ties to nft).
+    #[arg(long, env = "WEFT_IPTABLES_MODE", value_enum, default_value_t = IptablesMode::Auto)]
+    iptables_mode: IptablesMode,
     /// Check the kernel for outside changes to our rules this often.
     #[arg(long, env = "WEFT_CHECK_SECONDS", default_value_t = 5)]
     check_seconds: u64,
@@ -89,6 +89,36 @@ struct Args {
     /// /healthz answers 503 once an update has waited longer than this.
     #[arg(long, env = "WEFT_HEALTHZ_TIMEOUT_SECONDS", default_value_t = 30)]
     healthz_timeout_seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DataplaneKind {
+    Iptables,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IptablesMode {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// The iptables implementation to use, logged with the dataplane choice.
+fn iptables_mode(args: &Args) -> weft_agent::dataplane::netfilter::Mode {
+    use weft_agent::dataplane::netfilter::Mode;
+    let mode = match args.iptables_mode {
+        IptablesMode::Auto => Mode::detect(),
+        IptablesMode::Nft => Mode::Nft,
+        IptablesMode::Legacy => Mode::Legacy,
+    };
+    tracing::info!(
+        dataplane = ?args.dataplane,
+        iptables_mode = mode.as_str(),
+        chosen = if args.iptables_mode == IptablesMode::Auto { "by the host's rules" } else { "by flag" },
+        "service dataplane"
+    );
+    mode
 }
 
 fn main() {
@@ -393,13 +423,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding --health-listen {}", args.health_listen))?;
         tokio::spawn(weft_agent::health::serve(listener, health.clone(), metrics.clone()));
-        let mode = match args.iptables_mode.as_str() {
-            "auto" => weft_agent::dataplane::netfilter::Mode::detect(),
-            m => m.parse().map_err(anyhow::Error::msg)?,
-        };
-        tracing::info!(mode = mode.as_str(), dataplane = %args.dataplane, "iptables mode");
-        if args.dataplane == "iptables" {
-            let dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
+        let mode = iptables_mode(&args);
+        if args.dataplane == DataplaneKind::Iptables {
+            let mut dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
+            dp.localhost_node_ports = args.localhost_node_ports;
             let cfg = weft_agent::dataplane::driver::DriverConfig {
                 plan: plan_cfg.clone(),
                 ipam_dir: args.ipam_dir.clone(),

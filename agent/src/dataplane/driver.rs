@@ -4,8 +4,8 @@
 //! rewrite. The kernel work runs on the blocking pool, so the async runtime
 //! (the stream, the local API, DNS) never waits for iptables.
 
-use super::netfilter::IptablesDataplane;
 use super::plan::{PlanBuilder, PlanConfig};
+use super::ServiceDataplane;
 use crate::health::{Health, Metrics, ServiceHealth, ServiceHealthState};
 use crate::sync::SharedView;
 use std::collections::BTreeMap;
@@ -35,7 +35,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
+pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shared) {
     let Shared {
         view,
         mut changes,
@@ -48,7 +48,11 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
         ServiceHealth::new(cfg.plan.node_addresses.clone()).with_proxy_health(health.clone());
     // Plans only the Services that changed since the last view.
     let mut planner = PlanBuilder::default();
-    let mut check = tokio::time::interval(cfg.check_every);
+    // The first apply comes with the first view; checks start a period later.
+    let mut check = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.check_every,
+        cfg.check_every,
+    );
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_full = Instant::now();
     // Consecutive failed applies: the retry backs off (1 s doubling to 30 s).
@@ -82,7 +86,6 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             last_full = Instant::now();
         }
         let ipam_dir = cfg.ipam_dir.clone();
-        let localhost_node_ports = cfg.plan.localhost_node_ports;
         let started = Instant::now();
         let job = tokio::task::spawn_blocking(move || {
             let mut damage = None;
@@ -92,17 +95,11 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             } else if verify {
                 damage = dp.check();
             }
-            // Local pods (hostPorts; NodePorts when enabled on localhost) over
-            // the bridge, remote ones over VXLAN (only for localhost NodePorts).
-            let mut sysctl = super::netfilter::ensure_route_localnet(crate::overlay::BRIDGE);
-            if localhost_node_ports && sysctl.is_ok() {
-                sysctl = super::netfilter::ensure_route_localnet(crate::overlay::VXLAN);
-            }
-            let (chains, conflicts) = hostport_chains(&ipam_dir);
-            let result = dp.apply(&plan, chains);
-            (dp, damage, conflicts, result, sysctl)
+            let hostports = super::hostports::read(&ipam_dir);
+            let result = dp.program(&plan, &hostports.ports);
+            (dp, damage, hostports.conflicts, result)
         });
-        let (back, damage, conflicts, result, sysctl) = match job.await {
+        let (back, damage, conflicts, result) = match job.await {
             Ok(r) => r,
             Err(e) => {
                 // The apply panicked: nothing safe to continue with.
@@ -111,9 +108,10 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
             }
         };
         dp = back;
+        let name = dp.name();
         if let Some(reason) = &damage {
             if reason != "periodic full resync" {
-                tracing::warn!(%reason, "our iptables rules were changed by someone else; rewriting them");
+                tracing::warn!(dataplane = name, %reason, "our rules were changed by someone else; rewriting them");
             }
             metrics.full_resync(if reason == "periodic full resync" {
                 "periodic"
@@ -121,16 +119,13 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
                 "damage"
             });
         }
-        if let Err(e) = sysctl {
-            tracing::warn!(error = %e, "route_localnet not set on the bridge");
-        }
         for c in &conflicts {
             tracing::warn!(conflict = %c, "hostPort not programmed");
         }
         match result {
             Ok(stats) => {
                 let secs = started.elapsed().as_secs_f64();
-                metrics.observe_sync("iptables", secs);
+                metrics.observe_sync(name, secs);
                 metrics.set_programmed(stats.services as u64, stats.endpoints as u64);
                 metrics.conntrack_deleted(stats.conntrack_deleted);
                 for e in &stats.conntrack_errors {
@@ -154,7 +149,7 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
                 }
             }
             Err(e) => {
-                metrics.sync_error("iptables");
+                metrics.sync_error(name);
                 let delay = retry_delay(failures);
                 failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), attempt = failures, "programming services failed");
@@ -172,12 +167,6 @@ pub async fn run(mut dp: IptablesDataplane, cfg: DriverConfig, shared: Shared) {
 /// How long to wait before retrying after `failures` failed applies in a row.
 fn retry_delay(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.min(5)).min(Duration::from_secs(30))
-}
-
-/// The hostPort chains from the plugin's claims, and mappings not programmed.
-fn hostport_chains(ipam_dir: &std::path::Path) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
-    let found = super::hostports::read(ipam_dir);
-    (super::hostports::render(&found.ports), found.conflicts)
 }
 
 /// The healthCheckNodePorts this node serves: every `externalTrafficPolicy:
@@ -207,7 +196,139 @@ pub fn health_checks(view: &weft_model::NodeView, node: &str) -> BTreeMap<u16, S
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{self, backend, node_port_service};
+    use super::super::hostports::HostPort;
+    use super::super::plan::ServicePlan;
+    use super::super::ApplyStats;
     use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("recorded failure")]
+    struct Failure;
+
+    /// Records every call; fails the calls it is told to.
+    #[derive(Clone, Default)]
+    struct RecordingDataplane {
+        calls: Arc<Mutex<Vec<String>>>,
+        fail: Arc<Mutex<u32>>,
+    }
+
+    impl ServiceDataplane for RecordingDataplane {
+        type Error = Failure;
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn program(
+            &mut self,
+            plan: &ServicePlan,
+            hostports: &[HostPort],
+        ) -> Result<ApplyStats, Failure> {
+            let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("program {names:?} hostports={}", hostports.len()));
+            let mut fail = self.fail.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(Failure);
+            }
+            Ok(ApplyStats {
+                services: plan.services.len(),
+                ..ApplyStats::default()
+            })
+        }
+        fn check(&mut self) -> Option<String> {
+            self.calls.lock().unwrap().push("check".into());
+            None
+        }
+        fn invalidate(&mut self) {
+            self.calls.lock().unwrap().push("invalidate".into());
+        }
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{what}: not within 5 s");
+    }
+
+    #[tokio::test]
+    async fn programs_each_view_and_retries_failures() {
+        let view: SharedView = Default::default();
+        let (tx, rx) = watch::channel(0u64);
+        let dp = RecordingDataplane::default();
+        *dp.fail.lock().unwrap() = 1;
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(Duration::from_secs(30)));
+        let dir = std::env::temp_dir().join(format!("weft-driver-test-{}", std::process::id()));
+        let cfg = DriverConfig {
+            plan: PlanConfig {
+                node_addresses: vec![],
+                ..fixtures::config()
+            },
+            ipam_dir: dir,
+            check_every: Duration::from_secs(3600),
+            full_every: Duration::from_secs(3600),
+        };
+        let shared = Shared {
+            view: view.clone(),
+            changes: rx,
+            poke: Arc::new(Notify::new()),
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(run(dp.clone(), cfg, shared));
+        {
+            let mut v = view.write().unwrap();
+            v.synced = true;
+            let s = node_port_service(
+                "web",
+                vec![backend("198.18.128.5", "node-1", true, true, false)],
+            );
+            v.services.insert(s.key(), s);
+        }
+        tx.send(1).unwrap();
+        // The first apply fails (counted), the retry a second later succeeds.
+        let calls = dp.calls.clone();
+        until("a failed apply retried", || {
+            calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.starts_with("program [\"web\"]"))
+                .count()
+                >= 2
+        })
+        .await;
+        let text = metrics.render();
+        assert!(
+            text.contains("weft_sync_errors_total{dataplane=\"recording\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("weft_services_programmed 1"), "{text}");
+        until("healthy after the retry", || {
+            health.healthy(SystemTime::now())
+        })
+        .await;
+        // A Service deleted: the next apply programs the smaller plan.
+        view.write().unwrap().services.clear();
+        tx.send(2).unwrap();
+        until("the empty plan programmed", || {
+            calls
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.starts_with("program []"))
+        })
+        .await;
+        task.abort();
+    }
 
     #[test]
     fn retries_back_off_to_thirty_seconds() {

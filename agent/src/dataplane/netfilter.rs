@@ -16,6 +16,7 @@ use super::iptables::{
 };
 use super::plan::PlannedService;
 use super::plan::{FrontendKind, ServicePlan, Target};
+use super::{ApplyStats, ServiceDataplane};
 use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -99,6 +100,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("conntrack {args}: {reason}")]
+    Conntrack { args: String, reason: String },
     #[error("{tool} {args} failed: {stderr}")]
     Failed {
         tool: String,
@@ -399,21 +402,6 @@ pub fn conntrack_flushes(old: &ServicePlan, new: &ServicePlan) -> Vec<Flush> {
     out.into_iter().collect()
 }
 
-/// What one `apply` did.
-#[derive(Clone, Debug, Default)]
-pub struct ApplyStats {
-    /// Chains rewritten or deleted (0 when nothing changed).
-    pub chains: usize,
-    /// Bytes handed to iptables-restore.
-    pub bytes: usize,
-    /// The restore was a full one (first sync, or after outside damage).
-    pub full: bool,
-    pub conntrack_deleted: u64,
-    pub conntrack_errors: Vec<String>,
-    pub services: usize,
-    pub endpoints: usize,
-}
-
 /// A planned Service as plans share it.
 type Shared = Arc<PlannedService>;
 
@@ -433,6 +421,8 @@ pub struct IptablesDataplane {
     applied_once: bool,
     /// Delete UDP conntrack entries (off where the conntrack tool is absent).
     pub conntrack: bool,
+    /// NodePorts also answer on 127.0.0.1 (route_localnet on the VXLAN device too).
+    pub localhost_node_ports: bool,
 }
 
 impl IptablesDataplane {
@@ -444,6 +434,7 @@ impl IptablesDataplane {
             rendered: HashMap::new(),
             applied_once: false,
             conntrack: true,
+            localhost_node_ports: false,
         }
     }
 
@@ -704,6 +695,42 @@ impl IptablesDataplane {
     }
 }
 
+impl ServiceDataplane for IptablesDataplane {
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn program(
+        &mut self,
+        plan: &ServicePlan,
+        hostports: &[super::hostports::HostPort],
+    ) -> Result<ApplyStats, Error> {
+        // Local pods (hostPorts; NodePorts when enabled on localhost) are
+        // reached over the bridge, remote ones over VXLAN (localhost
+        // NodePorts only); WEFT-FIREWALL guards 127/8 from neighbours.
+        let mut devices = vec![crate::overlay::BRIDGE];
+        if self.localhost_node_ports {
+            devices.push(crate::overlay::VXLAN);
+        }
+        for dev in devices {
+            if let Err(e) = ensure_route_localnet(dev) {
+                tracing::warn!(error = %e, "route_localnet not set");
+            }
+        }
+        self.apply(plan, super::hostports::render(hostports))
+    }
+
+    fn check(&mut self) -> Option<String> {
+        IptablesDataplane::check(self)
+    }
+
+    fn invalidate(&mut self) {
+        IptablesDataplane::invalidate(self)
+    }
+}
+
 /// Let packets from 127.0.0.0/8 leave through weft's bridge once DNATed to a
 /// pod (localhost hostPorts and NodePorts), on that device only — never
 /// `all` (CVE-2020-8558; WEFT-FIREWALL drops martian traffic to 127/8).
@@ -740,19 +767,19 @@ pub fn split_rule(rule: &str) -> Vec<String> {
 }
 
 /// Run one conntrack deletion; the number of entries deleted.
-fn delete_conntrack(f: &Flush) -> Result<u64, String> {
+fn delete_conntrack(f: &Flush) -> Result<u64, Error> {
     let args = f.args();
+    let failed = |reason: String| Error::Conntrack {
+        args: args.join(" "),
+        reason,
+    };
     let out = Command::new("conntrack")
         .args(&args)
         .output()
-        .map_err(|e| format!("conntrack {}: {e}", args.join(" ")))?;
+        .map_err(|e| failed(e.to_string()))?;
     // conntrack exits 1 when nothing matched; its count is on stderr.
     let text = String::from_utf8_lossy(&out.stderr);
-    let n = deleted_count(&text);
-    if n.is_none() {
-        return Err(format!("conntrack {}: {}", args.join(" "), text.trim()));
-    }
-    Ok(n.unwrap_or(0))
+    deleted_count(&text).ok_or_else(|| failed(text.trim().to_string()))
 }
 
 /// `conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.` → 2

@@ -463,7 +463,24 @@ fn run(args: Args) -> anyhow::Result<()> {
                             let v = view.read().unwrap_or_else(|p| p.into_inner());
                             let plan = weft_agent::dataplane::plan::build(&v, &plan_cfg);
                             if q.what == "services" {
-                                weft_agent::dataplane::report::services(&v, &plan)
+                                let mut answer = weft_agent::dataplane::report::services(&v, &plan);
+                                answer["dataplane"] = match args.dataplane {
+                                    DataplaneKind::Iptables => format!("iptables ({})", mode.as_str()),
+                                    DataplaneKind::None => "none (Services are not programmed)".to_string(),
+                                }
+                                .into();
+                                let hostports = weft_agent::dataplane::hostports::read(&args.ipam_dir);
+                                answer["hostPorts"] = hostports
+                                    .ports
+                                    .iter()
+                                    .map(|h| {
+                                        let on = h.host_ip.map_or_else(|| "*".to_string(), |ip| ip.to_string());
+                                        format!("{on}:{}/{} -> {}:{} ({})", h.host_port, h.protocol.as_str(), h.pod_ip, h.container_port, h.pod)
+                                    })
+                                    .chain(hostports.conflicts.iter().map(|c| format!("not programmed: {c}")))
+                                    .collect::<Vec<_>>()
+                                    .into();
+                                answer
                             } else {
                                 let hostports = weft_agent::dataplane::hostports::read(&args.ipam_dir);
                                 weft_agent::dataplane::report::trace_request(&q.request, &plan, &plan_cfg, &hostports.ports)

@@ -32,6 +32,9 @@ pub fn render_services(v: &serde_json::Value) -> String {
         return format!("error from the agent: {}\n", s(e));
     }
     let mut out = String::new();
+    if let Some(d) = v.get("dataplane") {
+        out.push_str(&format!("dataplane: {}\n", s(d)));
+    }
     for svc in v["services"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{}   (externalTrafficPolicy {}, internalTrafficPolicy {}{})\n",
@@ -62,6 +65,9 @@ pub fn render_services(v: &serde_json::Value) -> String {
             ));
         }
     }
+    for h in v["hostPorts"].as_array().into_iter().flatten() {
+        out.push_str(&format!("hostPort  {}\n", s(h)));
+    }
     for (key, what) in [
         ("deniedExternalIPs", "externalIP not in the allow-list"),
         ("rejectedBackends", "backend address never programmed"),
@@ -70,7 +76,7 @@ pub fn render_services(v: &serde_json::Value) -> String {
             out.push_str(&format!("note: {what}: {}\n", s(d)));
         }
     }
-    if out.is_empty() {
+    if v["services"].as_array().is_none_or(|a| a.is_empty()) {
         out.push_str("no Services proxied on this node\n");
     }
     out
@@ -115,7 +121,8 @@ mod tests {
             "service": "shop/web", "frontends": ["ClusterIP 198.19.0.20:80/TCP"],
             "backends": [{"ip": "198.18.128.5", "node": "node-1", "ports": ["8080/TCP"], "state": "ready"}],
             "affinityTimeout": null, "externalTrafficPolicy": "Cluster", "internalTrafficPolicy": "Cluster"}],
-            "deniedExternalIPs": ["shop/web 203.0.113.9"], "rejectedBackends": []});
+            "deniedExternalIPs": ["shop/web 198.19.254.9"], "rejectedBackends": [],
+            "dataplane": "iptables (nft)", "hostPorts": ["*:8081/TCP -> 198.18.128.7:8080 (shop/hp)"]});
         let text = render_services(&v);
         assert!(
             text.contains("shop/web   (externalTrafficPolicy Cluster"),
@@ -126,7 +133,12 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("note: externalIP not in the allow-list: shop/web 203.0.113.9"),
+            text.contains("note: externalIP not in the allow-list: shop/web 198.19.254.9"),
+            "{text}"
+        );
+        assert!(text.starts_with("dataplane: iptables (nft)\n"), "{text}");
+        assert!(
+            text.contains("hostPort  *:8081/TCP -> 198.18.128.7:8080 (shop/hp)"),
             "{text}"
         );
     }

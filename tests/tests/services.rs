@@ -528,6 +528,31 @@ fn services_traffic_policies_readiness_hairpin_and_udp_cycling() -> Result<()> {
             "hostPort {shadowed} shadowed the Service's NodePort: {h} answered"
         );
     }
+    // What an operator on node-1 sees: the dataplane, the Services, the hostPorts.
+    let out = std::process::Command::new(weft_e2e::bin("netctl")?)
+        .arg("services")
+        .arg("--socket")
+        .arg(&c.nodes[0].socket)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "netctl services: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "dataplane: iptables (",
+        "svc/hp-web",
+        &format!(
+            "hostPort  *:8081/TCP -> {}:{HTTP_PORT} (svc/hostport-1)",
+            h1.ip
+        ),
+    ] {
+        ensure!(
+            text.contains(want),
+            "netctl services lacks {want:?}:\n{text}"
+        );
+    }
     println!("hostPort: ok (and a hostPort never shadows a NodePort)");
 
     // UDP server pod cycling behind a ClusterIP and a NodePort: clients that

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use weft_agent::dataplane::fixtures;
 use weft_agent::dataplane::iptables::{render, restore_input, Ruleset};
 use weft_agent::dataplane::netfilter::{IptablesDataplane, Mode, CANARY};
+use weft_agent::dataplane::ServiceDataplane;
 use weft_model::view::{FrontendPort, Protocol, ServiceType};
 use weft_model::{Backend, BackendPort, ServiceEntry};
 

@@ -72,9 +72,7 @@ impl std::str::FromStr for Mode {
         match s {
             "nft" => Ok(Mode::Nft),
             "legacy" => Ok(Mode::Legacy),
-            other => Err(format!(
-                "iptables mode {other:?}: expected auto, nft or legacy"
-            )),
+            other => Err(format!("iptables mode {other:?}: expected nft or legacy")),
         }
     }
 }
@@ -655,44 +653,6 @@ impl IptablesDataplane {
         }
         Ok(())
     }
-
-    /// Whether our rules are still in the kernel as we left them: the
-    /// canaries hold their rule (a flush of a table empties them; a firewall
-    /// reload deletes them) and the hooks are in place. When not, the next
-    /// apply rewrites everything. Returns the reason, if damaged.
-    pub fn check(&mut self) -> Option<String> {
-        self.have.as_ref()?;
-        let mut damage = None;
-        for table in ["nat", "filter"] {
-            match self.ipt.chain_rules(table, CANARY) {
-                None => damage = Some(format!("{table} {CANARY} is gone")),
-                Some(r) if r.len() != 1 => damage = Some(format!("{table} {CANARY} was flushed")),
-                _ => {}
-            }
-        }
-        if damage.is_none() {
-            let mut by_chain: BTreeMap<(&str, &str), Vec<&Hook>> = BTreeMap::new();
-            for h in HOOKS {
-                by_chain.entry((h.table, h.chain)).or_default().push(h);
-            }
-            for ((table, chain), hooks) in by_chain {
-                let listed = self.ipt.chain_rules(table, chain).unwrap_or_default();
-                if !hooks_ok(chain, &listed, &hooks) {
-                    damage = Some(format!("jumps from {table} {chain} are missing"));
-                }
-            }
-        }
-        if damage.is_some() {
-            self.have = None;
-        }
-        damage
-    }
-
-    /// Forget what was applied: the next apply reads the kernel and rewrites
-    /// every chain (the periodic full resync).
-    pub fn invalidate(&mut self) {
-        self.have = None;
-    }
 }
 
 impl ServiceDataplane for IptablesDataplane {
@@ -722,12 +682,42 @@ impl ServiceDataplane for IptablesDataplane {
         self.apply(plan, super::hostports::render(hostports))
     }
 
+    /// Whether our rules are still in the kernel as we left them: the
+    /// canaries hold their rule (a flush of a table empties them; a firewall
+    /// reload deletes them) and the hooks are in place. When not, the next
+    /// apply rewrites everything. Returns the reason, if damaged.
     fn check(&mut self) -> Option<String> {
-        IptablesDataplane::check(self)
+        self.have.as_ref()?;
+        let mut damage = None;
+        for table in ["nat", "filter"] {
+            match self.ipt.chain_rules(table, CANARY) {
+                None => damage = Some(format!("{table} {CANARY} is gone")),
+                Some(r) if r.len() != 1 => damage = Some(format!("{table} {CANARY} was flushed")),
+                _ => {}
+            }
+        }
+        if damage.is_none() {
+            let mut by_chain: BTreeMap<(&str, &str), Vec<&Hook>> = BTreeMap::new();
+            for h in HOOKS {
+                by_chain.entry((h.table, h.chain)).or_default().push(h);
+            }
+            for ((table, chain), hooks) in by_chain {
+                let listed = self.ipt.chain_rules(table, chain).unwrap_or_default();
+                if !hooks_ok(chain, &listed, &hooks) {
+                    damage = Some(format!("jumps from {table} {chain} are missing"));
+                }
+            }
+        }
+        if damage.is_some() {
+            self.have = None;
+        }
+        damage
     }
 
+    /// Forget what was applied: the next apply reads the kernel and rewrites
+    /// every chain (the periodic full resync).
     fn invalidate(&mut self) {
-        IptablesDataplane::invalidate(self)
+        self.have = None;
     }
 }
 
@@ -831,11 +821,11 @@ mod tests {
             "iptables-legacy-restore"
         );
         assert_eq!(Mode::Nft.tool("iptables"), "iptables-nft");
+        assert!("bogus".parse::<Mode>().unwrap_err().contains("bogus"));
         assert_eq!(
             count_rules("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j X\nCOMMIT\n"),
             1
         );
-        assert!("bogus".parse::<Mode>().unwrap_err().contains("bogus"));
     }
 
     #[test]

@@ -62,6 +62,7 @@ use weft_agent::dataplane::netfilter::{
     count_rules, split_rule, Iptables, IptablesDataplane, Mode,
 };
 use weft_agent::dataplane::plan::{build, PlanBuilder, PlanConfig, ServicePlan};
+use weft_agent::dataplane::ServiceDataplane;
 use weft_e2e::bench::{endpoint_ip, ms};
 use weft_e2e::benchnet::{self, ip, summarize, Namespaces, Summary};
 use weft_model::view::{FrontendPort, Protocol};

@@ -4,6 +4,7 @@
 //! rewrite. The kernel work runs on the blocking pool, so the async runtime
 //! (the stream, the local API, DNS) never waits for iptables.
 
+use super::hostports::HostPort;
 use super::plan::{PlanBuilder, PlanConfig};
 use super::ServiceDataplane;
 use crate::health::{Health, Metrics, ServiceHealth, ServiceHealthState};
@@ -57,8 +58,12 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
     let mut last_full = Instant::now();
     // Consecutive failed applies: the retry backs off (1 s doubling to 30 s).
     let mut failures: u32 = 0;
+    // The hostPorts of the plugin's claims, read again only when a pod came
+    // or went (a poke) and on the check tick — not on every Service change.
+    let mut hostports: Option<Arc<Vec<HostPort>>> = None;
     loop {
         let mut verify = false;
+        let mut reread = hostports.is_none();
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -67,8 +72,14 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
                 changes.borrow_and_update();
                 health.queued(SystemTime::now());
             }
-            _ = poke.notified() => health.queued(SystemTime::now()),
-            _ = check.tick() => verify = true,
+            _ = poke.notified() => {
+                health.queued(SystemTime::now());
+                reread = true;
+            }
+            _ = check.tick() => {
+                verify = true;
+                reread = true;
+            }
         }
         let (plan, checks) = {
             let v = view.read().unwrap_or_else(|p| p.into_inner());
@@ -86,20 +97,27 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
             last_full = Instant::now();
         }
         let ipam_dir = cfg.ipam_dir.clone();
+        let known = hostports.clone();
         let started = Instant::now();
         let job = tokio::task::spawn_blocking(move || {
-            let mut damage = None;
+            let mut resync = None;
             if full_due {
                 dp.invalidate();
-                damage = Some("periodic full resync".to_string());
+                resync = Some(Resync::Periodic);
             } else if verify {
-                damage = dp.check();
+                resync = dp.check().map(Resync::Damage);
             }
-            let hostports = super::hostports::read(&ipam_dir);
-            let result = dp.program(&plan, &hostports.ports);
-            (dp, damage, hostports.conflicts, result)
+            let (ports, conflicts) = match known {
+                Some(ports) if !reread => (ports, Vec::new()),
+                _ => {
+                    let found = super::hostports::read(&ipam_dir);
+                    (Arc::new(found.ports), found.conflicts)
+                }
+            };
+            let result = dp.program(&plan, &ports);
+            (dp, resync, ports, conflicts, result)
         });
-        let (back, damage, conflicts, result) = match job.await {
+        let (back, resync, ports, conflicts, result) = match job.await {
             Ok(r) => r,
             Err(e) => {
                 // The apply panicked: nothing safe to continue with.
@@ -108,16 +126,15 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
             }
         };
         dp = back;
+        hostports = Some(ports);
         let name = dp.name();
-        if let Some(reason) = &damage {
-            if reason != "periodic full resync" {
+        match resync {
+            Some(Resync::Periodic) => metrics.full_resync("periodic"),
+            Some(Resync::Damage(reason)) => {
                 tracing::warn!(dataplane = name, %reason, "our rules were changed by someone else; rewriting them");
+                metrics.full_resync("damage");
             }
-            metrics.full_resync(if reason == "periodic full resync" {
-                "periodic"
-            } else {
-                "damage"
-            });
+            None => {}
         }
         for c in &conflicts {
             tracing::warn!(conflict = %c, "hostPort not programmed");
@@ -162,6 +179,14 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
             }
         }
     }
+}
+
+/// Why an apply rewrites everything.
+enum Resync {
+    /// The `--full-resync-seconds` timer.
+    Periodic,
+    /// The check found our rules changed by someone else.
+    Damage(String),
 }
 
 /// How long to wait before retrying after `failures` failed applies in a row.

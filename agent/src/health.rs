@@ -369,7 +369,7 @@ impl Health {
     }
 
     /// Whether this node should take new load-balanced traffic (kube-proxy's
-    /// `nodeEligible`: false while the node is being deleted). It only
+    /// `nodeEligible`: the agent sets it false once its Node is gone from the view). It only
     /// affects `/healthz`, not [`Health::healthy`] nor the
     /// `healthCheckNodePort` servers.
     pub fn set_node_eligible(&self, eligible: bool) {

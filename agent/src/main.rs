@@ -453,6 +453,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                     let v = view.read().unwrap_or_else(|p| p.into_inner());
                     let subnet = v.nodes.get(&args.node_name).map(|n| n.pod_cidrs.join(",")).unwrap_or_default();
                     tracing::info!(rev = v.rev, services = v.services.len(), nodes = v.nodes.len(), subnet, "view updated");
+                    if v.synced {
+                        // A Node being deleted takes no new load-balanced traffic
+                        // (kube-proxy's nodeEligible: /healthz answers 503).
+                        health.set_node_eligible(v.nodes.contains_key(&args.node_name));
+                    }
                     if args.dataplane == DataplaneKind::None {
                         // Nothing to program: following the stream is the whole job.
                         health.applied(std::time::SystemTime::now());

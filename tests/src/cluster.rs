@@ -1055,15 +1055,7 @@ impl Cluster {
 
     /// Like [`Cluster::exec`], Ok(stdout) only when the command succeeds.
     pub fn sh(&self, netns: &str, args: &[&str]) -> Result<String> {
-        let out = self.exec(netns, args)?;
-        if !out.status.success() {
-            bail!(
-                "{args:?} in {netns} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run(Command::new("ip").args(["netns", "exec", netns]).args(args))
     }
 
     /// Node `i`'s overlay as the kernel holds it: routes, the VXLAN

@@ -491,13 +491,12 @@ fn services_traffic_policies_readiness_hairpin_and_udp_cycling() -> Result<()> {
 
     // hostPort (CNI portMappings): local destinations only, never shadowing a Service.
     let shadowed: u16 = 30998;
-    let web = service(
+    service(
         &c,
         "hp-web",
         json!({"type": "NodePort", "selector": {"app": "local"},
                "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": shadowed}]}),
     )?;
-    let _ = web;
     let h1 = c.add_pod_with(
         0,
         NS,

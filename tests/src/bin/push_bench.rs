@@ -657,42 +657,11 @@ fn read_trim(path: &str) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-        })
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1048576.0))
-        .unwrap_or_else(|| "?".into());
-    format!(
-        "{cpus} CPUs ({model}), {total} RAM, Linux {}",
-        read_trim("/proc/sys/kernel/osrelease")
-    )
-}
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
-    let machine = machine();
+    let machine = weft_e2e::benchnet::machine();
     let loadavg_start = read_trim("/proc/loadavg");
     eprintln!("weft-push-bench: {machine}");
     eprintln!(

@@ -657,7 +657,6 @@ fn read_trim(path: &str) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");

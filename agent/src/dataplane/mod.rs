@@ -10,9 +10,11 @@ pub mod driver;
 pub mod fixtures;
 pub mod hostports;
 pub mod iptables;
+pub mod maglev;
 pub mod netfilter;
 pub mod plan;
 pub mod report;
+pub mod sockdestroy;
 #[cfg(test)]
 mod sim;
 pub mod tracer;

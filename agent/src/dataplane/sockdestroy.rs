@@ -1,0 +1,1 @@
+//! Socket destruction (placeholder; being written).

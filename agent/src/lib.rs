@@ -6,7 +6,6 @@
 
 pub mod client;
 pub mod dataplane;
-pub mod ebpf;
 pub mod health;
 pub mod local_api;
 pub mod node;

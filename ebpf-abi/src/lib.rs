@@ -7,78 +7,195 @@
 //! addresses and ports in network byte order (`_be`), as the kernel hands
 //! them to the programs.
 //!
+//! The maps are pinned in bpffs and outlive the agent (a restart or an
+//! upgrade keeps forwarding): a change of any layout here must come with a
+//! new [`ABI_VERSION`], which puts the maps under a new pin directory.
+//!
 //! With feature `user` the types implement `aya::Pod`.
 #![no_std]
 
-/// Name of the `HashMap<ServiceKey, ServiceValue>` of service frontends.
-pub const SERVICES_MAP: &str = "WEFT_SERVICES";
-/// Name of the `HashMap<BackendKey, Backend>` of service backends.
-pub const BACKENDS_MAP: &str = "WEFT_BACKENDS";
+/// Version of the map layouts below; part of the maps' pin directory.
+pub const ABI_VERSION: u32 = 1;
 
-/// Capacity of [`SERVICES_MAP`] (frontends: address, port, protocol).
-pub const SERVICES_MAX_ENTRIES: u32 = 16_384;
-/// Capacity of [`BACKENDS_MAP`] (backends summed over all frontends).
-pub const BACKENDS_MAX_ENTRIES: u32 = 65_536;
+/// `HashMap<ServiceKey, ServiceValue>`: service frontends.
+pub const SERVICES_MAP: &str = "WEFT_SVC";
+/// `HashMap<BackendKey, Backend>`: backend sets.
+pub const BACKENDS_MAP: &str = "WEFT_BE";
+/// `HashMap<u32 set id, MaglevTable>`: Maglev lookup tables of the sets of
+/// Services that ask for consistent hashing.
+pub const MAGLEV_MAP: &str = "WEFT_MAGLEV";
+/// `LruHashMap<AffinityKey, AffinityValue>`: ClientIP session affinity.
+pub const AFFINITY_MAP: &str = "WEFT_AFF";
+/// `HashMap<AffinityMatchKey, u32>`: which backends each affinity group
+/// (Service port) may still use; an affinity entry whose backend left is ignored.
+pub const AFFINITY_MATCH_MAP: &str = "WEFT_AFF_MATCH";
+/// `LruHashMap<SockRevKey, SockRevValue>`: for a socket translated at
+/// connect/sendmsg time, the frontend it asked for (getpeername, recvmsg).
+pub const SOCK_REV_MAP: &str = "WEFT_SOCK_REV";
 
-/// A service frontend: IPv4 address, port and IP protocol.
+/// Capacity of [`SERVICES_MAP`]: frontends (address, port, protocol, scope).
+pub const SERVICES_MAX_ENTRIES: u32 = 131_072;
+/// Capacity of [`BACKENDS_MAP`]: backends summed over all sets.
+pub const BACKENDS_MAX_ENTRIES: u32 = 524_288;
+/// Capacity of [`MAGLEV_MAP`]: sets with a Maglev table.
+pub const MAGLEV_MAX_ENTRIES: u32 = 8_192;
+/// Capacity of [`AFFINITY_MAP`] (least recently used entries are evicted).
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of [`AFFINITY_MATCH_MAP`].
+pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of [`SOCK_REV_MAP`] (least recently used entries are evicted).
+pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
+
+/// Entries of a Maglev table: a prime well above any set's backend count.
+pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+
+/// Who the frontend entry is for.
+/// Sockets of this node's pods and processes (cgroup hooks, east-west).
+pub const SCOPE_SOCKET: u8 = 0;
+/// Packets arriving from outside the node (TC on the uplink, north-south).
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// No usable endpoint anywhere: refuse at once (ECONNREFUSED, TCP reset,
+/// ICMP port unreachable).
+pub const SVC_F_REJECT: u32 = 1 << 0;
+/// Endpoints exist but none this traffic may use here (a Local traffic
+/// policy without a local endpoint): drop.
+pub const SVC_F_DROP: u32 = 1 << 1;
+/// Masquerade the client (north-south): replies must come back through
+/// this node.
+pub const SVC_F_SNAT: u32 = 1 << 2;
+/// Pick backends by the set's Maglev table instead of at random.
+pub const SVC_F_MAGLEV: u32 = 1 << 3;
+
+/// The backend is a pod on this node.
+pub const BACKEND_F_LOCAL: u32 = 1 << 0;
+
+/// Tag of an [`AffinityKey::client`] that holds an IPv4 address (north-south)
+/// rather than a network-namespace cookie (socket hooks).
+pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
+/// A service frontend: IPv4 address, port, IP protocol, and who asks.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     /// IPv4 address, network byte order.
     pub addr_be: u32,
     /// Port, network byte order.
     pub port_be: u16,
-    /// IP protocol number (`IPPROTO_TCP` = 6, `IPPROTO_UDP` = 17).
+    /// IP protocol number (`IPPROTO_TCP` = 6, `IPPROTO_UDP` = 17, SCTP = 132).
     pub proto: u8,
-    pub _pad: u8,
+    /// [`SCOPE_SOCKET`] or [`SCOPE_EXTERNAL`].
+    pub scope: u8,
 }
 
-/// What a frontend resolves to: how many backends, and where they live in
-/// the backends map.
+/// What a frontend resolves to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Number of backends at `BackendKey { slot: backend_slot, index: 0..backend_count }`.
-    pub backend_count: u32,
-    /// Bit set of `SERVICE_F_*` flags (none defined yet).
+    /// Backends are `BackendKey { set_id, index: 0..count }`.
+    pub set_id: u32,
+    /// Number of backends in the set; 0 with [`SVC_F_REJECT`] or [`SVC_F_DROP`].
+    pub count: u32,
+    /// Bit set of `SVC_F_*`.
     pub flags: u32,
-    /// Client-IP affinity timeout in seconds; 0 = no affinity.
+    /// Affinity group (one per Service port); 0 = no session affinity.
+    pub affinity_id: u32,
+    /// ClientIP affinity timeout in seconds (with `affinity_id` != 0).
     pub affinity_timeout_s: u32,
-    /// Slot of this service's backends in the backends map.
-    pub backend_slot: u32,
 }
 
-/// One backend of a service: the service's slot and the backend's index in it.
+/// One backend of a set.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
-    pub slot: u32,
+    pub set_id: u32,
     pub index: u32,
 }
 
 /// A backend address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
     /// IPv4 address, network byte order.
     pub addr_be: u32,
     /// Port, network byte order.
     pub port_be: u16,
     pub _pad: u16,
-    /// Bit set of `BACKEND_F_*` flags (none defined yet).
+    /// Bit set of `BACKEND_F_*`.
     pub flags: u32,
+}
+
+/// A set's Maglev lookup table: backend indices into the set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub indices: [u32; MAGLEV_TABLE_SIZE as usize],
+}
+
+/// Session affinity of one client to one affinity group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub affinity_id: u32,
+    pub _pad: u32,
+    /// The client: a network-namespace cookie, or an IPv4 address (network
+    /// order, in the low 32 bits) tagged with [`AFFINITY_CLIENT_IP`].
+    pub client: u64,
+}
+
+/// The backend a client sticks to, and when it last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the last use.
+    pub last_used_ns: u64,
+}
+
+/// A backend still in an affinity group's set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityMatchKey {
+    pub affinity_id: u32,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// A translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie()`.
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// The frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
 }
 
 // The layouts are the ABI: a field added or reordered without updating both
 // sides must fail the build, not corrupt map lookups.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::align_of::<ServiceKey>() == 4);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::align_of::<ServiceValue>() == 4);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
-const _: () = assert!(core::mem::align_of::<BackendKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
-const _: () = assert!(core::mem::align_of::<Backend>() == 4);
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE as usize);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 12);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -89,6 +206,12 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }
 
 #[cfg(test)]
@@ -104,44 +227,68 @@ mod tests {
                 offset_of!(ServiceKey, addr_be),
                 offset_of!(ServiceKey, port_be),
                 offset_of!(ServiceKey, proto),
-                offset_of!(ServiceKey, _pad)
+                offset_of!(ServiceKey, scope)
             ),
             (0, 4, 6, 7)
         );
         assert_eq!(
-            (size_of::<ServiceValue>(), align_of::<ServiceValue>()),
-            (16, 4)
+            (
+                offset_of!(ServiceValue, set_id),
+                offset_of!(ServiceValue, count),
+                offset_of!(ServiceValue, flags),
+                offset_of!(ServiceValue, affinity_id),
+                offset_of!(ServiceValue, affinity_timeout_s)
+            ),
+            (0, 4, 8, 12, 16)
         );
         assert_eq!(
             (
-                offset_of!(ServiceValue, backend_count),
-                offset_of!(ServiceValue, flags),
-                offset_of!(ServiceValue, affinity_timeout_s),
-                offset_of!(ServiceValue, backend_slot)
+                offset_of!(BackendKey, set_id),
+                offset_of!(BackendKey, index)
             ),
-            (0, 4, 8, 12)
-        );
-        assert_eq!((size_of::<BackendKey>(), align_of::<BackendKey>()), (8, 4));
-        assert_eq!(
-            (offset_of!(BackendKey, slot), offset_of!(BackendKey, index)),
             (0, 4)
         );
-        assert_eq!((size_of::<Backend>(), align_of::<Backend>()), (12, 4));
         assert_eq!(
             (
                 offset_of!(Backend, addr_be),
                 offset_of!(Backend, port_be),
-                offset_of!(Backend, _pad),
                 offset_of!(Backend, flags)
             ),
-            (0, 4, 6, 8)
+            (0, 4, 8)
+        );
+        assert_eq!(
+            (size_of::<AffinityKey>(), align_of::<AffinityKey>()),
+            (16, 8)
+        );
+        assert_eq!(offset_of!(AffinityKey, client), 8);
+        assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+        assert_eq!(
+            (
+                offset_of!(AffinityMatchKey, addr_be),
+                offset_of!(AffinityMatchKey, port_be)
+            ),
+            (4, 8)
+        );
+        assert_eq!(
+            (
+                offset_of!(SockRevKey, addr_be),
+                offset_of!(SockRevKey, port_be)
+            ),
+            (8, 12)
         );
     }
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL.
-        for name in [SERVICES_MAP, BACKENDS_MAP] {
+        for name in [
+            SERVICES_MAP,
+            BACKENDS_MAP,
+            MAGLEV_MAP,
+            AFFINITY_MAP,
+            AFFINITY_MATCH_MAP,
+            SOCK_REV_MAP,
+        ] {
             assert!(name.len() < 16, "{name}");
         }
     }
@@ -152,10 +299,10 @@ mod tests {
             addr_be: u32::from_ne_bytes([198, 19, 0, 10]),
             port_be: 53u16.to_be(),
             proto: 17,
-            _pad: 0,
+            scope: SCOPE_EXTERNAL,
         };
         // SAFETY: ServiceKey is repr(C), 8 bytes, no padding.
         let bytes: [u8; 8] = unsafe { core::mem::transmute(key) };
-        assert_eq!(bytes, [198, 19, 0, 10, 0, 53, 17, 0]);
+        assert_eq!(bytes, [198, 19, 0, 10, 0, 53, 17, 1]);
     }
 }

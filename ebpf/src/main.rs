@@ -1,88 +1,304 @@
-//! weft's kernel programs. Today one: `weft_connect4`, a cgroup/connect4 hook
-//! that turns a connect() to a service frontend into a connect() to one of
-//! its backends, before any packet exists (no per-packet NAT, no conntrack).
+//! weft's kernel programs: socket-level Service load balancing.
 //!
-//! The maps and their layouts come from `weft-ebpf-abi`; the agent fills them.
+//! `weft_connect4` and `weft_sendmsg4` (cgroup/connect4, cgroup/sendmsg4)
+//! turn a connect() or sendto() to a Service frontend into one to a backend,
+//! before any packet exists: established flows carry no per-packet NAT and no
+//! conntrack entry. `weft_getpeername4` and `weft_recvmsg4` give the
+//! application back the address it asked for (getpeername(), the source of
+//! a datagram). The maps and their layouts come from `weft-ebpf-abi`; the
+//! agent fills them (frontends, backend sets, Maglev tables, affinity groups).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_get_prandom_u32,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use weft_ebpf_abi::{
-    Backend, BackendKey, ServiceKey, ServiceValue, BACKENDS_MAP, BACKENDS_MAX_ENTRIES,
-    SERVICES_MAP, SERVICES_MAX_ENTRIES,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, BackendKey, MaglevTable, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES,
+    BACKENDS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, MAGLEV_TABLE_SIZE, SCOPE_SOCKET,
+    SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SVC_F_DROP, SVC_F_MAGLEV, SVC_F_REJECT,
 };
 
-/// cgroup/sock_addr verdict: let the call proceed (with whatever address the
-/// program left in the context).
+/// cgroup/sock_addr verdicts: let the call proceed (with whatever address
+/// the program left in the context), or fail it (with the errno set by
+/// `bpf_set_retval`, EPERM otherwise).
 const ALLOW: i32 = 1;
+const DENY: i32 = 0;
 
-// `#[map(name = ...)]` takes a literal; these checks keep it equal to the
-// ABI's constant, which is what the agent looks the map up by.
-const _: () = assert!(same(SERVICES_MAP, "WEFT_SERVICES"));
-const _: () = assert!(same(BACKENDS_MAP, "WEFT_BACKENDS"));
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
-#[map(name = "WEFT_SERVICES")]
+/// Maps created without preallocated elements: sized for a large cluster,
+/// they cost memory only for what is in them.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "WEFT_SVC")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(SERVICES_MAX_ENTRIES, 0);
+    HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-#[map(name = "WEFT_BACKENDS")]
-static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(BACKENDS_MAX_ENTRIES, 0);
+#[map(name = "WEFT_BE")]
+static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEFT_MAGLEV")]
+static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAGLEV_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEFT_AFF")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+#[map(name = "WEFT_AFF_MATCH")]
+static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
+    HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEFT_SOCK_REV")]
+static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REV_MAX_ENTRIES, 0);
+
+// `#[map(name = ...)]` takes a literal; these checks keep each equal to the
+// ABI's constant, which is what the agent looks the map up by.
+const _: () = assert!(same(weft_ebpf_abi::SERVICES_MAP, "WEFT_SVC"));
+const _: () = assert!(same(weft_ebpf_abi::BACKENDS_MAP, "WEFT_BE"));
+const _: () = assert!(same(weft_ebpf_abi::MAGLEV_MAP, "WEFT_MAGLEV"));
+const _: () = assert!(same(weft_ebpf_abi::AFFINITY_MAP, "WEFT_AFF"));
+const _: () = assert!(same(weft_ebpf_abi::AFFINITY_MATCH_MAP, "WEFT_AFF_MATCH"));
+const _: () = assert!(same(weft_ebpf_abi::SOCK_REV_MAP, "WEFT_SOCK_REV"));
 
 #[cgroup_sock_addr(connect4)]
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
-    // Never fail a connect() because of us: on error the socket keeps the
-    // address the application asked for.
-    match try_weft_connect4(&ctx) {
+    match translate(&ctx, Call::Connect) {
+        Ok(verdict) => verdict,
+        // Never fail a connect() because of an inconsistent map: the socket
+        // keeps the address the application asked for.
+        Err(_) => ALLOW,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weft_sendmsg4(ctx: SockAddrContext) -> i32 {
+    match translate(&ctx, Call::Sendmsg) {
         Ok(verdict) => verdict,
         Err(_) => ALLOW,
     }
 }
 
-fn try_weft_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+#[cgroup_sock_addr(getpeername4)]
+pub fn weft_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weft_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx);
+    ALLOW
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    Sendmsg,
+}
+
+fn translate(ctx: &SockAddrContext, call: Call) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's
-    // lifetime; these are 4-byte context reads the verifier allows for connect4.
+    // lifetime; these are 4-byte context reads the verifier allows here.
     let (ip, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
     let key = ServiceKey {
         addr_be: ip,
         // user_port holds the network-order port in a 4-byte field.
         port_be: port as u16,
         proto: protocol as u8,
-        _pad: 0,
+        scope: SCOPE_SOCKET,
     };
-    // SAFETY: the value is copied out at once; the agent may update the
+    // SAFETY: the value is copied out at once; the agent may replace the
     // entry concurrently, which at worst gives a stale but whole value.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Ok(ALLOW);
     };
-    if service.backend_count == 0 {
-        return Ok(ALLOW);
+    if service.flags & SVC_F_REJECT != 0 {
+        return Ok(refuse(ECONNREFUSED));
     }
-    // SAFETY: a helper without arguments or preconditions.
-    let index = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let backend_key = BackendKey {
-        slot: service.backend_slot,
-        index,
+    if service.flags & SVC_F_DROP != 0 || service.count == 0 {
+        // A Local traffic policy without a local endpoint. A socket cannot
+        // be left hanging like a dropped packet; the caller learns at once.
+        return Ok(refuse(EHOSTUNREACH));
+    }
+    let sa_ptr = sa as *mut core::ffi::c_void;
+    // SAFETY: helpers the kernel allows for cgroup/sock_addr programs, on
+    // the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa_ptr) };
+    let backend = match affine(sa_ptr, &service)? {
+        Some(b) => b,
+        None => {
+            let b = pick(&service, cookie, call)?;
+            remember(sa_ptr, &service, &b);
+            b
+        }
     };
-    // SAFETY: as above.
-    let backend = (unsafe { BACKENDS.get(backend_key) })
-        .copied()
-        .ok_or(ENOENT)?;
-    // SAFETY: connect4 may write user_ip4 and user_port (4-byte stores).
+    // SAFETY: connect4/sendmsg4 may write user_ip4 and user_port (4-byte stores).
     unsafe {
         (*sa).user_ip4 = backend.addr_be;
         (*sa).user_port = u32::from(backend.port_be);
     }
+    let rev = SockRevKey {
+        cookie,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        _pad: 0,
+    };
+    let frontend = SockRevValue {
+        addr_be: ip,
+        port_be: port as u16,
+        _pad: 0,
+    };
+    // Without this entry getpeername() shows the backend: not worth failing
+    // the connect for.
+    let _ = SOCK_REV.insert(&rev, &frontend, 0);
     Ok(ALLOW)
 }
 
-/// The service points at a backend the agent has not written (or has just
-/// removed): a transient state during an update.
+/// Fail the call with `errno`.
+fn refuse(errno: i32) -> i32 {
+    // SAFETY: allowed for connect4/sendmsg4; it only sets the syscall's result.
+    unsafe { bpf_set_retval(-errno) };
+    DENY
+}
+
+/// The backend for a new socket: from the set's Maglev table or at random.
+/// sendmsg() on an unconnected socket picks per datagram, so it hashes the
+/// socket cookie: one socket keeps one backend while the set is unchanged.
+fn pick(service: &ServiceValue, cookie: u64, call: Call) -> Result<Backend, i32> {
+    let hash = match call {
+        // SAFETY: a helper without arguments or preconditions.
+        Call::Connect => unsafe { bpf_get_prandom_u32() },
+        Call::Sendmsg => mix(cookie),
+    };
+    let index = if service.flags & SVC_F_MAGLEV != 0 {
+        // SAFETY: copied out at once (see SERVICES above).
+        let table = unsafe { MAGLEV.get(service.set_id) }.ok_or(ENOENT)?;
+        let slot = (hash % MAGLEV_TABLE_SIZE) as usize;
+        *table.indices.get(slot).ok_or(ENOENT)?
+    } else {
+        hash % service.count
+    };
+    // SAFETY: as above.
+    (unsafe {
+        BACKENDS.get(BackendKey {
+            set_id: service.set_id,
+            index,
+        })
+    })
+    .copied()
+    .ok_or(ENOENT)
+}
+
+/// The backend this client sticks to, if the Service has ClientIP affinity,
+/// the entry is fresh and its backend is still in the set.
+fn affine(sa: *mut core::ffi::c_void, service: &ServiceValue) -> Result<Option<Backend>, i32> {
+    if service.affinity_id == 0 {
+        return Ok(None);
+    }
+    let key = AffinityKey {
+        affinity_id: service.affinity_id,
+        _pad: 0,
+        // SAFETY: allowed for cgroup/sock_addr programs, on their context.
+        client: unsafe { bpf_get_netns_cookie(sa) },
+    };
+    // SAFETY: copied out at once.
+    let Some(entry) = (unsafe { AFFINITY.get(key) }).copied() else {
+        return Ok(None);
+    };
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+    let member = AffinityMatchKey {
+        affinity_id: service.affinity_id,
+        addr_be: entry.addr_be,
+        port_be: entry.port_be,
+        _pad: 0,
+    };
+    // SAFETY: existence check only.
+    let still_member = unsafe { AFFINITY_MATCH.get(member) }.is_some();
+    if now.saturating_sub(entry.last_used_ns) > timeout_ns || !still_member {
+        return Ok(None);
+    }
+    let fresh = AffinityValue {
+        last_used_ns: now,
+        ..entry
+    };
+    let _ = AFFINITY.insert(&key, &fresh, 0);
+    Ok(Some(Backend {
+        addr_be: entry.addr_be,
+        port_be: entry.port_be,
+        _pad: 0,
+        flags: 0,
+    }))
+}
+
+/// Start (or restart) this client's affinity to `backend`.
+fn remember(sa: *mut core::ffi::c_void, service: &ServiceValue, backend: &Backend) {
+    if service.affinity_id == 0 {
+        return;
+    }
+    let key = AffinityKey {
+        affinity_id: service.affinity_id,
+        _pad: 0,
+        // SAFETY: as in `affine`.
+        client: unsafe { bpf_get_netns_cookie(sa) },
+    };
+    let value = AffinityValue {
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        _pad: 0,
+        // SAFETY: a helper without arguments or preconditions.
+        last_used_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = AFFINITY.insert(&key, &value, 0);
+}
+
+/// getpeername()/recvmsg() on a translated socket: show the frontend.
+fn restore_frontend(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in `translate`; getpeername4/recvmsg4 may read and write
+    // user_ip4 and user_port.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let key = SockRevKey {
+        // SAFETY: allowed for these attach types, on their context.
+        cookie: unsafe { bpf_get_socket_cookie(sa as *mut core::ffi::c_void) },
+        addr_be: ip,
+        port_be: port as u16,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(frontend) = (unsafe { SOCK_REV.get(key) }).copied() {
+        // SAFETY: as above.
+        unsafe {
+            (*sa).user_ip4 = frontend.addr_be;
+            (*sa).user_port = u32::from(frontend.port_be);
+        }
+    }
+}
+
+/// A 64-bit mixer (splitmix64's finalizer) folded to 32 bits.
+fn mix(x: u64) -> u32 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z ^ (z >> 32)) as u32
+}
+
+/// The frontend points at a backend or table the agent has not written (or
+/// has just removed): a transient state during an update.
 const ENOENT: i32 = 2;
 
 const fn same(a: &str, b: &str) -> bool {

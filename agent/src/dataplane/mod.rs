@@ -6,6 +6,7 @@
 //! portMappings by [`hostports`]); [`driver`] runs one from the view.
 
 pub mod driver;
+pub mod ebpf;
 #[doc(hidden)]
 pub mod fixtures;
 pub mod hostports;
@@ -14,9 +15,9 @@ pub mod maglev;
 pub mod netfilter;
 pub mod plan;
 pub mod report;
-pub mod sockdestroy;
 #[cfg(test)]
 mod sim;
+pub mod sockdestroy;
 pub mod tracer;
 
 /// What one apply did.

@@ -1,0 +1,420 @@
+//! The kernel side of the eBPF dataplane: load the embedded object with its
+//! maps pinned in bpffs, attach the socket programs to the node's cgroup
+//! through pinned links, and read and write the maps.
+//!
+//! Everything that must outlive the agent lives under the bpffs directory
+//! (`--bpffs-path`): `maps-v<ABI>/` (the maps) and `links/` (one pinned link
+//! per program). A restart finds both: the loader reuses the pinned maps and
+//! each link is switched to the newly loaded program with BPF_LINK_UPDATE,
+//! an atomic replacement (no instant without a program). Nothing is ever
+//! detached on exit; removing the directory detaches and frees it all.
+
+use super::object;
+use super::reconcile::{Image, MapStore};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader, Pod};
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use weft_ebpf_abi::{
+    AffinityMatchKey, Backend, BackendKey, MaglevTable, ServiceKey, ServiceValue, ABI_VERSION,
+    AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, SERVICES_MAP,
+};
+
+/// The socket programs and the cgroup hook each one attaches to.
+pub const SOCKET_PROGRAMS: [&str; 4] = [
+    "weft_connect4",
+    "weft_sendmsg4",
+    "weft_recvmsg4",
+    "weft_getpeername4",
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object (maps pinned in {pin_dir})")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {program}: {what}")]
+    Program { program: &'static str, what: String },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+/// How each program got attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// Programs attached through a new link (first start on this node).
+    pub attached: Vec<&'static str>,
+    /// Programs that replaced an earlier one in a pinned link (restart, upgrade).
+    pub replaced: Vec<&'static str>,
+}
+
+/// The loaded object, its maps, and where they are pinned.
+pub struct Kernel {
+    _bpf: Ebpf,
+    root: PathBuf,
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, BackendKey, Backend>,
+    maglev: BpfHashMap<MapData, u32, MaglevTable>,
+    affinity_match: BpfHashMap<MapData, AffinityMatchKey, u32>,
+    pub attach: AttachReport,
+}
+
+impl Kernel {
+    /// Load (or reuse) the maps under `bpffs` and attach the socket programs
+    /// to `cgroup`, replacing what an earlier agent attached.
+    pub fn open(bpffs: &Path, cgroup: &Path) -> Result<Kernel, KernelError> {
+        ensure_bpffs(bpffs)?;
+        let pin_dir = bpffs.join(format!("maps-v{ABI_VERSION}"));
+        let links = bpffs.join("links");
+        for dir in [&pin_dir, &links] {
+            std::fs::create_dir_all(dir).map_err(|source| KernelError::Bpffs {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(object::object())
+            .map_err(|source| KernelError::Load {
+                pin_dir: pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+        let cgroup_dir = std::fs::File::open(cgroup).map_err(|source| KernelError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let mut attach = AttachReport::default();
+        for name in SOCKET_PROGRAMS {
+            let prog: &mut CgroupSockAddr = bpf
+                .program_mut(name)
+                .ok_or_else(|| KernelError::Program {
+                    program: name,
+                    what: "not in the object".into(),
+                })?
+                .try_into()
+                .map_err(|e| KernelError::Program {
+                    program: name,
+                    what: format!("not a cgroup/sock_addr program: {e}"),
+                })?;
+            prog.load().map_err(|e| KernelError::Program {
+                program: name,
+                what: format!("verifier: {e}"),
+            })?;
+            let pin = links.join(name);
+            if pin.exists() {
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|e| KernelError::Program {
+                        program: name,
+                        what: e.to_string(),
+                    })?
+                    .as_fd()
+                    .as_raw_fd();
+                replace_in_link(&pin, prog_fd)?;
+                attach.replaced.push(name);
+            } else {
+                let id = prog
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(|e| KernelError::Program {
+                        program: name,
+                        what: format!("attach to {}: {e}", cgroup.display()),
+                    })?;
+                let link = prog.take_link(id).map_err(|e| KernelError::Program {
+                    program: name,
+                    what: e.to_string(),
+                })?;
+                let fd_link = FdLink::try_from(link).map_err(|e| KernelError::Program {
+                    program: name,
+                    what: format!("not a bpf_link: {e}"),
+                })?;
+                fd_link.pin(&pin).map_err(|e| KernelError::Link {
+                    path: pin.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                attach.attached.push(name);
+            }
+        }
+        let services = typed(&mut bpf, SERVICES_MAP)?;
+        let backends = typed(&mut bpf, BACKENDS_MAP)?;
+        let maglev = typed(&mut bpf, MAGLEV_MAP)?;
+        let affinity_match = typed(&mut bpf, AFFINITY_MATCH_MAP)?;
+        remove_old_abi_dirs(bpffs);
+        Ok(Kernel {
+            _bpf: bpf,
+            root: bpffs.to_path_buf(),
+            services,
+            backends,
+            maglev,
+            affinity_match,
+            attach,
+        })
+    }
+
+    /// Whether every program's pinned link is still there (someone removing
+    /// the bpffs directory detaches the programs).
+    pub fn links_missing(&self) -> Vec<&'static str> {
+        SOCKET_PROGRAMS
+            .into_iter()
+            .filter(|name| !self.root.join("links").join(name).exists())
+            .collect()
+    }
+}
+
+fn typed<K: Pod, V: Pod>(
+    bpf: &mut Ebpf,
+    map: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, KernelError> {
+    let m = bpf.take_map(map).ok_or_else(|| KernelError::Map {
+        map,
+        source: Box::new(aya::maps::MapError::InvalidName {
+            name: map.to_string(),
+        }),
+    })?;
+    BpfHashMap::try_from(m).map_err(|source| KernelError::Map {
+        map,
+        source: Box::new(source),
+    })
+}
+
+/// Mount a bpf filesystem at `path` unless it (or the filesystem holding
+/// it) already is one.
+pub fn ensure_bpffs(path: &Path) -> Result<(), KernelError> {
+    let err = |source| KernelError::Bpffs {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    if is_bpffs(path).map_err(err)? {
+        return Ok(());
+    }
+    let target = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: valid NUL-terminated strings; mount(2) does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Maps of an earlier ABI version: their programs have just been replaced.
+fn remove_old_abi_dirs(bpffs: &Path) {
+    let current = format!("maps-v{ABI_VERSION}");
+    let Ok(entries) = std::fs::read_dir(bpffs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("maps-v") && name != current {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), %err, "removing maps of an earlier ABI");
+            } else {
+                tracing::info!(path = %e.path().display(), "removed maps of an earlier ABI");
+            }
+        }
+    }
+}
+
+/// BPF_OBJ_GET the pinned link and BPF_LINK_UPDATE it to `prog_fd`: the
+/// kernel swaps the program in place.
+fn replace_in_link(pin: &Path, prog_fd: i32) -> Result<(), KernelError> {
+    let err = |source| KernelError::Link {
+        path: pin.to_path_buf(),
+        source,
+    };
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: bpf(2) reads `size` bytes of a valid attr; returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above; no fd is returned.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+const BPF_OBJ_GET: i64 = 7;
+const BPF_LINK_UPDATE: i64 = 29;
+
+/// The kernel's answer to a delete of a key that is not there: fine (deletes
+/// are idempotent; an LRU or a concurrent agent may have removed it).
+fn absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl MapStore for Kernel {
+    type Error = KernelError;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), KernelError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(SERVICES_MAP))
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), KernelError> {
+        match self.services.remove(&key) {
+            Err(e) if !absent(&e) => Err(map_err(SERVICES_MAP)(e)),
+            _ => Ok(()),
+        }
+    }
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), KernelError> {
+        self.backends
+            .insert(key, value, 0)
+            .map_err(map_err(BACKENDS_MAP))
+    }
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), KernelError> {
+        match self.backends.remove(&key) {
+            Err(e) if !absent(&e) => Err(map_err(BACKENDS_MAP)(e)),
+            _ => Ok(()),
+        }
+    }
+    fn put_maglev(&mut self, set_id: u32, table: &MaglevTable) -> Result<(), KernelError> {
+        self.maglev
+            .insert(set_id, table, 0)
+            .map_err(map_err(MAGLEV_MAP))
+    }
+    fn delete_maglev(&mut self, set_id: u32) -> Result<(), KernelError> {
+        match self.maglev.remove(&set_id) {
+            Err(e) if !absent(&e) => Err(map_err(MAGLEV_MAP)(e)),
+            _ => Ok(()),
+        }
+    }
+    fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), KernelError> {
+        self.affinity_match
+            .insert(key, 1, 0)
+            .map_err(map_err(AFFINITY_MATCH_MAP))
+    }
+    fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), KernelError> {
+        match self.affinity_match.remove(&key) {
+            Err(e) if !absent(&e) => Err(map_err(AFFINITY_MATCH_MAP)(e)),
+            _ => Ok(()),
+        }
+    }
+    fn image(&self) -> Result<Image, KernelError> {
+        let mut image = Image::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(map_err(SERVICES_MAP))?;
+            image.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(map_err(BACKENDS_MAP))?;
+            image.backends.insert(k, v);
+        }
+        for kv in self.maglev.iter() {
+            let (k, v) = kv.map_err(map_err(MAGLEV_MAP))?;
+            image.maglev.insert(k, v.indices.to_vec());
+        }
+        for k in self.affinity_match.keys() {
+            image
+                .affinity_match
+                .insert(k.map_err(map_err(AFFINITY_MATCH_MAP))?);
+        }
+        Ok(image)
+    }
+}

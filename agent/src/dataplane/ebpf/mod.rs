@@ -1,0 +1,158 @@
+//! The eBPF service dataplane. Services are load-balanced at the socket:
+//! cgroup/connect4 and sendmsg4 programs translate a Service frontend to a
+//! backend when a pod or host process connects or sends, getpeername4 and
+//! recvmsg4 show the frontend back, so established flows carry no
+//! per-packet NAT.
+//!
+//! The pieces: [`encode`] (pure: planned Service -> frontend entries,
+//! checked against the tracer), [`reconcile`] (writes only what changed,
+//! adopts the pinned maps on restart), [`kernel`] (load, pin, attach,
+//! atomic program replacement), and [`EbpfDataplane`], which ties them to
+//! the [`ServiceDataplane`] seam. hostPorts stay with iptables chains
+//! ([`IptablesDataplane`] programmed with an empty Service plan).
+
+pub mod encode;
+pub mod kernel;
+pub mod object;
+pub mod reconcile;
+
+use super::hostports::HostPort;
+use super::netfilter::{self, IptablesDataplane};
+use super::plan::ServicePlan;
+use super::{ApplyStats, ServiceDataplane};
+use std::path::PathBuf;
+
+/// Where a node's programs attach and its maps are pinned.
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    /// cgroup v2 directory whose processes (and descendants) get the socket
+    /// programs: the cgroup v2 root on a real node, one directory per
+    /// simulated node in tests.
+    pub cgroup: PathBuf,
+    /// bpffs directory for pinned maps and links (mounted if it is not on
+    /// a bpf filesystem).
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Reconcile(#[from] reconcile::ReconcileError<kernel::KernelError>),
+    #[error("hostPort chains")]
+    HostPorts(#[source] netfilter::Error),
+}
+
+/// The eBPF implementation of [`ServiceDataplane`].
+pub struct EbpfDataplane {
+    cfg: EbpfConfig,
+    kernel: Option<kernel::Kernel>,
+    reconciler: Option<reconcile::Reconciler>,
+    hostports: IptablesDataplane,
+}
+
+impl EbpfDataplane {
+    /// `hostports` programs the CNI portMappings (and nothing else).
+    pub fn new(cfg: EbpfConfig, hostports: IptablesDataplane) -> EbpfDataplane {
+        EbpfDataplane {
+            cfg,
+            kernel: None,
+            reconciler: None,
+            hostports,
+        }
+    }
+
+    fn kernel(&mut self) -> Result<&mut kernel::Kernel, EbpfError> {
+        if self.kernel.is_none() {
+            let k = kernel::Kernel::open(&self.cfg.bpffs, &self.cfg.cgroup)?;
+            tracing::info!(
+                cgroup = %self.cfg.cgroup.display(),
+                bpffs = %self.cfg.bpffs.display(),
+                attached = ?k.attach.attached,
+                replaced = ?k.attach.replaced,
+                "eBPF socket programs in place"
+            );
+            self.kernel = Some(k);
+        }
+        Ok(self.kernel.as_mut().expect("set above"))
+    }
+}
+
+impl ServiceDataplane for EbpfDataplane {
+    type Error = EbpfError;
+
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn program(
+        &mut self,
+        plan: &ServicePlan,
+        hostports: &[HostPort],
+    ) -> Result<ApplyStats, EbpfError> {
+        let full = self.reconciler.is_none();
+        let kernel = self.kernel()?;
+        if full {
+            use reconcile::MapStore;
+            let image = kernel.image()?;
+            tracing::info!(
+                frontends = image.services.len(),
+                backends = image.backends.len(),
+                "adopting the pinned service maps"
+            );
+            self.reconciler = Some(reconcile::Reconciler::adopt(&image));
+        }
+        let kernel = self.kernel.as_mut().expect("opened above");
+        let reconciler = self.reconciler.as_mut().expect("set above");
+        let result = reconciler.apply(plan, kernel);
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // What was written is unknown: adopt the maps again next time.
+                self.reconciler = None;
+                return Err(e.into());
+            }
+        };
+        for (key, a, b) in &stats.conflicts {
+            tracing::warn!(frontend = ?key, kept = %a, ignored = %b, "two Services want one frontend");
+        }
+        for (svc, lb) in &stats.unknown_lb {
+            tracing::warn!(service = %svc, value = %lb, option = encode::LB_OPTION, "unknown load-balancing algorithm; using random");
+        }
+        let hp = self
+            .hostports
+            .program(&ServicePlan::default(), hostports)
+            .map_err(EbpfError::HostPorts)?;
+        Ok(ApplyStats {
+            chains: stats.writes + hp.chains,
+            bytes: hp.bytes,
+            full: full || hp.full,
+            conntrack_deleted: hp.conntrack_deleted,
+            conntrack_errors: hp.conntrack_errors,
+            services: plan.services.len(),
+            endpoints: plan
+                .services
+                .iter()
+                .map(|s| s.backends.iter().map(|b| b.cluster.len()).sum::<usize>())
+                .sum(),
+        })
+    }
+
+    fn check(&mut self) -> Option<String> {
+        if let Some(k) = &self.kernel {
+            let missing = k.links_missing();
+            if !missing.is_empty() {
+                self.invalidate();
+                return Some(format!("pinned links gone: {}", missing.join(", ")));
+            }
+        }
+        self.hostports.check()
+    }
+
+    fn invalidate(&mut self) {
+        self.kernel = None;
+        self.reconciler = None;
+        self.hostports.invalidate();
+    }
+}

@@ -71,6 +71,15 @@ struct Args {
     /// The service dataplane (none: Services are not programmed).
     #[arg(long, env = "WEFT_DATAPLANE", value_enum, default_value_t = DataplaneKind::Iptables)]
     dataplane: DataplaneKind,
+    /// cgroup v2 directory the eBPF socket programs attach to (its processes
+    /// and their descendants get socket-level load balancing); default: the
+    /// cgroup v2 root (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+    #[arg(long, env = "WEFT_CGROUP_PATH")]
+    cgroup_path: Option<PathBuf>,
+    /// bpffs directory for the eBPF dataplane's pinned maps and links (a bpf
+    /// filesystem is mounted there if it is not on one).
+    #[arg(long, env = "WEFT_BPFFS_PATH", default_value = "/sys/fs/bpf/weft")]
+    bpffs_path: PathBuf,
     /// iptables implementation: auto follows the host (the one holding more rules, ties to nft).
     #[arg(long, env = "WEFT_IPTABLES_MODE", value_enum, default_value_t = IptablesMode::Auto)]
     iptables_mode: IptablesMode,
@@ -93,8 +102,25 @@ struct Args {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum DataplaneKind {
+    Ebpf,
     Iptables,
     None,
+}
+
+/// The cgroup v2 root: /sys/fs/cgroup on unified hosts, its `unified`
+/// mount on hybrid ones.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if std::path::Path::new(dir)
+            .join("cgroup.controllers")
+            .exists()
+        {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    anyhow::bail!(
+        "no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified; pass --cgroup-path"
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -424,7 +450,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("binding --health-listen {}", args.health_listen))?;
         tokio::spawn(weft_agent::health::serve(listener, health.clone(), metrics.clone()));
         let mode = iptables_mode(&args);
-        if args.dataplane == DataplaneKind::Iptables {
+        if args.dataplane != DataplaneKind::None {
             let mut dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
             dp.localhost_node_ports = args.localhost_node_ports;
             let cfg = weft_agent::dataplane::driver::DriverConfig {
@@ -440,7 +466,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                 health: health.clone(),
                 metrics: metrics.clone(),
             };
-            tokio::spawn(weft_agent::dataplane::driver::run(dp, cfg, shared));
+            if args.dataplane == DataplaneKind::Ebpf {
+                let ebpf = weft_agent::dataplane::ebpf::EbpfConfig {
+                    cgroup: match &args.cgroup_path {
+                        Some(p) => p.clone(),
+                        None => cgroup2_root()?,
+                    },
+                    bpffs: args.bpffs_path.clone(),
+                };
+                tracing::info!(cgroup = %ebpf.cgroup.display(), bpffs = %ebpf.bpffs.display(), "eBPF dataplane (hostPorts with iptables)");
+                // hostPorts stay iptables chains: the iptables dataplane
+                // programmed with no Services.
+                let ebpf = weft_agent::dataplane::ebpf::EbpfDataplane::new(ebpf, dp);
+                tokio::spawn(weft_agent::dataplane::driver::run(ebpf, cfg, shared));
+            } else {
+                tokio::spawn(weft_agent::dataplane::driver::run(dp, cfg, shared));
+            }
         }
         let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args, mode).await?) };
         let mut resync = tokio::time::interval(std::time::Duration::from_secs(args.resync_seconds.max(1)));
@@ -475,6 +516,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                                 let mut answer = weft_agent::dataplane::report::services(&v, &plan);
                                 answer["dataplane"] = match args.dataplane {
                                     DataplaneKind::Iptables => format!("iptables ({})", mode.as_str()),
+                                    DataplaneKind::Ebpf => format!("ebpf (socket programs; hostPorts with iptables {})", mode.as_str()),
                                     DataplaneKind::None => "none (Services are not programmed)".to_string(),
                                 }
                                 .into();

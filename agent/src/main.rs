@@ -473,6 +473,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                         None => cgroup2_root()?,
                     },
                     bpffs: args.bpffs_path.clone(),
+                    tc: Some(weft_agent::dataplane::ebpf::kernel::TcInterfaces {
+                        node_addr: args.node_ip,
+                        bridge: weft_agent::overlay::BRIDGE.to_string(),
+                        vxlan: weft_agent::overlay::VXLAN.to_string(),
+                    }),
                 };
                 tracing::info!(cgroup = %ebpf.cgroup.display(), bpffs = %ebpf.bpffs.display(), "eBPF dataplane (hostPorts with iptables)");
                 // hostPorts stay iptables chains: the iptables dataplane

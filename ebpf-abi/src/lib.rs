@@ -33,6 +33,15 @@ pub const AFFINITY_MATCH_MAP: &str = "WEFT_AFF_MATCH";
 /// connect/sendmsg time, the frontend it asked for (getpeername, recvmsg).
 pub const SOCK_REV_MAP: &str = "WEFT_SOCK_REV";
 
+/// `LruHashMap<CtKey, CtValue>`: north-south connections the TC program
+/// translated, both directions.
+pub const CT_MAP: &str = "WEFT_CT";
+/// `Array<NodeConfig>` of one entry: this node's interfaces and addresses.
+pub const NODE_MAP: &str = "WEFT_NODE";
+
+/// Capacity of [`CT_MAP`] (least recently used entries are evicted; two per connection).
+pub const CT_MAX_ENTRIES: u32 = 262_144;
+
 /// Capacity of [`SERVICES_MAP`]: frontends (address, port, protocol, scope).
 pub const SERVICES_MAX_ENTRIES: u32 = 131_072;
 /// Capacity of [`BACKENDS_MAP`]: backends summed over all sets.
@@ -73,6 +82,62 @@ pub const BACKEND_F_LOCAL: u32 = 1 << 0;
 /// Tag of an [`AffinityKey::client`] that holds an IPv4 address (north-south)
 /// rather than a network-namespace cookie (socket hooks).
 pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
+/// [`CtKey::dir`]: a packet from the client to the frontend.
+pub const CT_FORWARD: u8 = 0;
+/// [`CtKey::dir`]: a packet from the backend back to the client (or the
+/// masquerading address).
+pub const CT_REPLY: u8 = 1;
+/// [`CtValue::flags`]: the connection's source was masqueraded.
+pub const CT_F_SNAT: u32 = 1 << 0;
+
+/// A packet's addresses as the TC program sees them on arrival.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// How to rewrite a packet of a translated connection, and where to send it.
+/// Forward: destination -> (`addr_a`, `port_a`) = the backend; with
+/// [`CT_F_SNAT`] source -> (`addr_b`, `port_b`). Reply: source ->
+/// (`addr_a`, `port_a`) = the frontend; with [`CT_F_SNAT`] destination ->
+/// (`addr_b`, `port_b`) = the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub addr_a_be: u32,
+    pub addr_b_be: u32,
+    pub port_a_be: u16,
+    pub port_b_be: u16,
+    pub flags: u32,
+    /// Interface the rewritten packet leaves by.
+    pub ifindex: u32,
+}
+
+/// This node as the TC program needs it; written by the agent when it
+/// attaches the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The node's own address (NodePorts): refusals to it are left to the
+    /// kernel, which answers with a reset or port unreachable.
+    pub node_addr_be: u32,
+    /// The pod bridge and its address (masquerade towards local pods).
+    pub bridge_ifindex: u32,
+    pub bridge_addr_be: u32,
+    /// The VXLAN device and its address (masquerade towards remote pods:
+    /// their replies come back through the overlay).
+    pub vxlan_ifindex: u32,
+    pub vxlan_addr_be: u32,
+}
 
 /// A service frontend: IPv4 address, port, IP protocol, and who asks.
 #[repr(C)]
@@ -196,6 +261,9 @@ const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 20);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -212,6 +280,9 @@ mod pod {
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -279,6 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn ct_layouts() {
+        assert_eq!(
+            (
+                offset_of!(CtKey, daddr_be),
+                offset_of!(CtKey, sport_be),
+                offset_of!(CtKey, dport_be),
+                offset_of!(CtKey, proto),
+                offset_of!(CtKey, dir)
+            ),
+            (4, 8, 10, 12, 13)
+        );
+        assert_eq!(
+            (
+                offset_of!(CtValue, port_a_be),
+                offset_of!(CtValue, flags),
+                offset_of!(CtValue, ifindex)
+            ),
+            (8, 12, 16)
+        );
+        assert_eq!(offset_of!(NodeConfig, vxlan_addr_be), 16);
+    }
+
+    #[test]
     fn map_names_fit_the_kernel_limit() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL.
         for name in [
@@ -288,6 +382,8 @@ mod tests {
             AFFINITY_MAP,
             AFFINITY_MATCH_MAP,
             SOCK_REV_MAP,
+            CT_MAP,
+            NODE_MAP,
         ] {
             assert!(name.len() < 16, "{name}");
         }

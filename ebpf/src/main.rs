@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+mod tc;
+
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
@@ -41,7 +43,7 @@ const EHOSTUNREACH: i32 = 113;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "WEFT_SVC")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> =
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEFT_BE")]
@@ -109,6 +111,7 @@ enum Call {
     Sendmsg,
 }
 
+#[inline(always)]
 fn translate(ctx: &SockAddrContext, call: Call) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's
@@ -138,14 +141,17 @@ fn translate(ctx: &SockAddrContext, call: Call) -> Result<i32, i32> {
     // SAFETY: helpers the kernel allows for cgroup/sock_addr programs, on
     // the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa_ptr) };
-    let backend = match affine(sa_ptr, &service)? {
-        Some(b) => b,
-        None => {
-            let b = pick(&service, cookie, call)?;
-            remember(sa_ptr, &service, &b);
-            b
-        }
+    // SAFETY: allowed for cgroup/sock_addr programs, on their context.
+    let client = unsafe { bpf_get_netns_cookie(sa_ptr) };
+    let hash = match call {
+        // SAFETY: a helper without arguments or preconditions.
+        Call::Connect => unsafe { bpf_get_prandom_u32() },
+        // sendmsg() on an unconnected socket picks per datagram: hashing
+        // the socket cookie keeps one socket on one backend while the set
+        // is unchanged.
+        Call::Sendmsg => mix(cookie),
     };
+    let backend = select(&service, client, hash)?;
     // SAFETY: connect4/sendmsg4 may write user_ip4 and user_port (4-byte stores).
     unsafe {
         (*sa).user_ip4 = backend.addr_be;
@@ -169,21 +175,27 @@ fn translate(ctx: &SockAddrContext, call: Call) -> Result<i32, i32> {
 }
 
 /// Fail the call with `errno`.
+#[inline(always)]
 fn refuse(errno: i32) -> i32 {
     // SAFETY: allowed for connect4/sendmsg4; it only sets the syscall's result.
     unsafe { bpf_set_retval(-errno) };
     DENY
 }
 
-/// The backend for a new socket: from the set's Maglev table or at random.
-/// sendmsg() on an unconnected socket picks per datagram, so it hashes the
-/// socket cookie: one socket keeps one backend while the set is unchanged.
-fn pick(service: &ServiceValue, cookie: u64, call: Call) -> Result<Backend, i32> {
-    let hash = match call {
-        // SAFETY: a helper without arguments or preconditions.
-        Call::Connect => unsafe { bpf_get_prandom_u32() },
-        Call::Sendmsg => mix(cookie),
-    };
+/// The backend for a new flow of `client`: the one it sticks to under
+/// ClientIP affinity, else from the set's Maglev table or by `hash`.
+#[inline(always)]
+pub(crate) fn select(service: &ServiceValue, client: u64, hash: u32) -> Result<Backend, i32> {
+    if let Some(b) = affine(client, service) {
+        return Ok(b);
+    }
+    let b = pick(service, hash)?;
+    remember(client, service, &b);
+    Ok(b)
+}
+
+#[inline(always)]
+fn pick(service: &ServiceValue, hash: u32) -> Result<Backend, i32> {
     let index = if service.flags & SVC_F_MAGLEV != 0 {
         // SAFETY: copied out at once (see SERVICES above).
         let table = unsafe { MAGLEV.get(service.set_id) }.ok_or(ENOENT)?;
@@ -212,20 +224,18 @@ fn pick(service: &ServiceValue, cookie: u64, call: Call) -> Result<Backend, i32>
 
 /// The backend this client sticks to, if the Service has ClientIP affinity,
 /// the entry is fresh and its backend is still in the set.
-fn affine(sa: *mut core::ffi::c_void, service: &ServiceValue) -> Result<Option<Backend>, i32> {
+#[inline(always)]
+fn affine(client: u64, service: &ServiceValue) -> Option<Backend> {
     if service.affinity_id == 0 {
-        return Ok(None);
+        return None;
     }
     let key = AffinityKey {
         affinity_id: service.affinity_id,
         _pad: 0,
-        // SAFETY: allowed for cgroup/sock_addr programs, on their context.
-        client: unsafe { bpf_get_netns_cookie(sa) },
+        client,
     };
     // SAFETY: copied out at once.
-    let Some(entry) = (unsafe { AFFINITY.get(key) }).copied() else {
-        return Ok(None);
-    };
+    let entry = (unsafe { AFFINITY.get(key) }).copied()?;
     // SAFETY: a helper without arguments or preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
@@ -238,31 +248,31 @@ fn affine(sa: *mut core::ffi::c_void, service: &ServiceValue) -> Result<Option<B
     // SAFETY: existence check only.
     let still_member = unsafe { AFFINITY_MATCH.get(member) }.is_some();
     if now.saturating_sub(entry.last_used_ns) > timeout_ns || !still_member {
-        return Ok(None);
+        return None;
     }
     let fresh = AffinityValue {
         last_used_ns: now,
         ..entry
     };
     let _ = AFFINITY.insert(&key, &fresh, 0);
-    Ok(Some(Backend {
+    Some(Backend {
         addr_be: entry.addr_be,
         port_be: entry.port_be,
         _pad: 0,
         flags: 0,
-    }))
+    })
 }
 
 /// Start (or restart) this client's affinity to `backend`.
-fn remember(sa: *mut core::ffi::c_void, service: &ServiceValue, backend: &Backend) {
+#[inline(always)]
+fn remember(client: u64, service: &ServiceValue, backend: &Backend) {
     if service.affinity_id == 0 {
         return;
     }
     let key = AffinityKey {
         affinity_id: service.affinity_id,
         _pad: 0,
-        // SAFETY: as in `affine`.
-        client: unsafe { bpf_get_netns_cookie(sa) },
+        client,
     };
     let value = AffinityValue {
         addr_be: backend.addr_be,
@@ -275,6 +285,7 @@ fn remember(sa: *mut core::ffi::c_void, service: &ServiceValue, backend: &Backen
 }
 
 /// getpeername()/recvmsg() on a translated socket: show the frontend.
+#[inline(always)]
 fn restore_frontend(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in `translate`; getpeername4/recvmsg4 may read and write
@@ -298,7 +309,8 @@ fn restore_frontend(ctx: &SockAddrContext) {
 }
 
 /// A 64-bit mixer (splitmix64's finalizer) folded to 32 bits.
-fn mix(x: u64) -> u32 {
+#[inline(always)]
+pub(crate) fn mix(x: u64) -> u32 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -310,7 +322,7 @@ fn mix(x: u64) -> u32 {
 /// has just removed): a transient state during an update.
 const ENOENT: i32 = 2;
 
-const fn same(a: &str, b: &str) -> bool {
+pub(crate) const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

@@ -11,17 +11,50 @@
 
 use super::object;
 use super::reconcile::{Image, MapStore};
+use aya::maps::Array;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{
+    links::FdLink, CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+};
 use aya::{Ebpf, EbpfLoader, Pod};
+use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use weft_ebpf_abi::{
-    AffinityMatchKey, Backend, BackendKey, MaglevTable, ServiceKey, ServiceValue, ABI_VERSION,
-    AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, SERVICES_MAP,
+    AffinityMatchKey, Backend, BackendKey, MaglevTable, NodeConfig, ServiceKey, ServiceValue,
+    ABI_VERSION, AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, NODE_MAP, SERVICES_MAP,
 };
+
+/// The north-south program, attached at TC ingress of the node's uplink,
+/// pod bridge and VXLAN device.
+pub const TC_PROGRAM: &str = "weft_tc_ingress";
+
+/// The interfaces the TC program serves, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcInterfaces {
+    /// The node's own address; its interface is the uplink.
+    pub node_addr: Ipv4Addr,
+    pub bridge: String,
+    pub vxlan: String,
+}
+
+/// One interface as found: index and first IPv4 address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    /// Its IPv4 addresses, in the kernel's order.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+impl Interface {
+    fn addr(&self) -> Option<Ipv4Addr> {
+        self.addrs.first().copied()
+    }
+}
 
 /// The socket programs and the cgroup hook each one attaches to.
 pub const SOCKET_PROGRAMS: [&str; 4] = [
@@ -86,7 +119,12 @@ pub struct Kernel {
     backends: BpfHashMap<MapData, BackendKey, Backend>,
     maglev: BpfHashMap<MapData, u32, MaglevTable>,
     affinity_match: BpfHashMap<MapData, AffinityMatchKey, u32>,
+    node: Array<MapData, NodeConfig>,
     pub attach: AttachReport,
+    /// Interfaces the TC program is attached to (name -> ifindex), and the
+    /// node configuration last written.
+    tc: BTreeMap<String, u32>,
+    node_written: Option<NodeConfig>,
 }
 
 impl Kernel {
@@ -164,6 +202,28 @@ impl Kernel {
                 attach.attached.push(name);
             }
         }
+        let tc: &mut SchedClassifier = bpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| KernelError::Program {
+                program: TC_PROGRAM,
+                what: "not in the object".into(),
+            })?
+            .try_into()
+            .map_err(|e| KernelError::Program {
+                program: TC_PROGRAM,
+                what: format!("not a classifier: {e}"),
+            })?;
+        tc.load().map_err(|e| KernelError::Program {
+            program: TC_PROGRAM,
+            what: format!("verifier: {e}"),
+        })?;
+        let node_map = bpf.take_map(NODE_MAP).ok_or_else(|| KernelError::Map {
+            map: NODE_MAP,
+            source: Box::new(aya::maps::MapError::InvalidName {
+                name: NODE_MAP.to_string(),
+            }),
+        })?;
+        let node = Array::try_from(node_map).map_err(map_err(NODE_MAP))?;
         let services = typed(&mut bpf, SERVICES_MAP)?;
         let backends = typed(&mut bpf, BACKENDS_MAP)?;
         let maglev = typed(&mut bpf, MAGLEV_MAP)?;
@@ -176,8 +236,115 @@ impl Kernel {
             backends,
             maglev,
             affinity_match,
+            node,
             attach,
+            tc: BTreeMap::new(),
+            node_written: None,
         })
+    }
+
+    /// Attach the TC program to the node's interfaces that exist (again
+    /// where one was recreated), and write their indexes and addresses for
+    /// it. Returns the interfaces newly attached; the bridge appears with
+    /// the first pod, so this runs on every sync.
+    pub fn ensure_tc(&mut self, want: &TcInterfaces) -> Result<Vec<String>, KernelError> {
+        let found = interfaces().map_err(|source| KernelError::Link {
+            path: PathBuf::from("getifaddrs"),
+            source,
+        })?;
+        let uplink = found
+            .iter()
+            .find(|i| i.addrs.contains(&want.node_addr))
+            .cloned();
+        let by_name = |n: &str| found.iter().find(|i| i.name == n).cloned();
+        let bridge = by_name(&want.bridge);
+        let vxlan = by_name(&want.vxlan);
+        let mut attached = Vec::new();
+        for iface in [&uplink, &bridge, &vxlan].into_iter().flatten() {
+            if self.tc.get(&iface.name) == Some(&iface.ifindex) {
+                continue;
+            }
+            self.attach_tc(iface)?;
+            self.tc.insert(iface.name.clone(), iface.ifindex);
+            attached.push(iface.name.clone());
+        }
+        let config = NodeConfig {
+            node_addr_be: u32::from_ne_bytes(want.node_addr.octets()),
+            bridge_ifindex: bridge.as_ref().map_or(0, |i| i.ifindex),
+            bridge_addr_be: bridge
+                .as_ref()
+                .and_then(Interface::addr)
+                .map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            vxlan_ifindex: vxlan.as_ref().map_or(0, |i| i.ifindex),
+            vxlan_addr_be: vxlan
+                .as_ref()
+                .and_then(Interface::addr)
+                .map_or(0, |a| u32::from_ne_bytes(a.octets())),
+        };
+        if self.node_written != Some(config) {
+            self.node.set(0, config, 0).map_err(map_err(NODE_MAP))?;
+            self.node_written = Some(config);
+        }
+        Ok(attached)
+    }
+
+    fn attach_tc(&mut self, iface: &Interface) -> Result<(), KernelError> {
+        let pin = self.root.join("links").join(format!("tc-{}", iface.name));
+        let prog: &mut SchedClassifier = self
+            ._bpf
+            .program_mut(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| KernelError::Program {
+                program: TC_PROGRAM,
+                what: "not loaded".into(),
+            })?;
+        if pin.exists() {
+            let fd = prog
+                .fd()
+                .map_err(|e| KernelError::Program {
+                    program: TC_PROGRAM,
+                    what: e.to_string(),
+                })?
+                .as_fd()
+                .as_raw_fd();
+            match replace_in_link(&pin, fd) {
+                Ok(()) => {
+                    self.attach.replaced.push(TC_PROGRAM);
+                    return Ok(());
+                }
+                // The interface went away with the old link (recreated
+                // since): attach anew.
+                Err(e) => {
+                    tracing::info!(interface = %iface.name, error = %e, "pinned TC link is stale; attaching anew");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let id = prog
+            .attach(&iface.name, TcAttachType::Ingress)
+            .map_err(|e| KernelError::Program {
+                program: TC_PROGRAM,
+                what: format!("attach to {} ingress: {e}", iface.name),
+            })?;
+        let link = prog.take_link(id).map_err(|e| KernelError::Program {
+            program: TC_PROGRAM,
+            what: e.to_string(),
+        })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| KernelError::Program {
+            program: TC_PROGRAM,
+            what: format!("not a bpf_link (TCX needed): {e}"),
+        })?;
+        fd_link.pin(&pin).map_err(|e| KernelError::Link {
+            path: pin.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.attach.attached.push(TC_PROGRAM);
+        Ok(())
+    }
+
+    /// Interfaces the TC program is attached to.
+    pub fn tc_interfaces(&self) -> Vec<String> {
+        self.tc.keys().cloned().collect()
     }
 
     /// Whether every program's pinned link is still there (someone removing
@@ -417,4 +584,53 @@ impl MapStore for Kernel {
         }
         Ok(image)
     }
+}
+
+/// This namespace's interfaces with their first IPv4 address.
+pub fn interfaces() -> std::io::Result<Vec<Interface>> {
+    let mut out: Vec<Interface> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let addr = if !ifa.ifa_addr.is_null()
+            // SAFETY: ifa_addr points at a sockaddr of at least sa_family.
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        } else {
+            None
+        };
+        match out.iter_mut().find(|i| i.name == name) {
+            Some(i) => i.addrs.extend(addr),
+            None => {
+                let c = CString::new(name.clone()).unwrap_or_default();
+                // SAFETY: a NUL-terminated name.
+                let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+                out.push(Interface {
+                    name,
+                    ifindex,
+                    addrs: addr.into_iter().collect(),
+                });
+            }
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }

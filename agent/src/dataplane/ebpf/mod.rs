@@ -32,6 +32,8 @@ pub struct EbpfConfig {
     /// bpffs directory for pinned maps and links (mounted if it is not on
     /// a bpf filesystem).
     pub bpffs: PathBuf,
+    /// Where north-south traffic is translated (None: socket programs only).
+    pub tc: Option<kernel::TcInterfaces>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,12 @@ impl ServiceDataplane for EbpfDataplane {
             self.reconciler = Some(reconcile::Reconciler::adopt(&image));
         }
         let kernel = self.kernel.as_mut().expect("opened above");
+        if let Some(tc) = &self.cfg.tc {
+            let attached = kernel.ensure_tc(tc)?;
+            if !attached.is_empty() {
+                tracing::info!(interfaces = ?attached, "TC program attached");
+            }
+        }
         let reconciler = self.reconciler.as_mut().expect("set above");
         let result = reconciler.apply(plan, kernel);
         let stats = match result {

@@ -14,13 +14,33 @@
 //! cluster starts is killed by pid and every namespace deleted when the
 //! [`Cluster`] drops, also when a test panics; logs stay in the run's temp
 //! directory (kept with `WEFT_KEEP_TMP`). Only 198.18.0.0/15 addresses are used.
+//!
+//! Each node is also a cgroup v2 directory (the eBPF dataplane's socket
+//! hooks attach there), so that one node's hooks see only that node's
+//! sockets, as on separate machines:
+//!
+//! ```text
+//!  <cg2>/weft-t<pid>-<nanos>              the test process (threaded domain)
+//!  <cg2>/weft-t<pid>-<nanos>/<p>-node-1   threaded: node-1's agent, CNI runs,
+//!                                         host and pod workloads, commands,
+//!                                         and [`in_netns`] threads into them
+//! ```
+//!
+//! Threaded cgroups let a single thread of the test process join a node
+//! (`cgroup.threads`), so a socket the test makes "from" a pod carries that
+//! node's cgroup. The control plane, the external host and the underlay
+//! belong to no node. The test process moves back to its own cgroup when
+//! its last cluster drops. Each node also has a `bpffs` directory for the
+//! agent's pins, unmounted at teardown.
 
 use crate::{bin, node_token, Api, ControlProcess, TempDir};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use std::ffi::CString;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -72,16 +92,24 @@ fn probe() -> Option<String> {
     None
 }
 
-/// Run `f` on a thread that has joined network namespace `netns`: sockets
-/// it creates stay in that namespace (the caller's threads are untouched).
+/// Run `f` on a thread that has joined network namespace `netns` and, when
+/// the namespace belongs to a node (its own or one of its pods'), that
+/// node's cgroup: sockets it creates stay in that namespace and carry the
+/// node's cgroup, so the node's socket hooks see them. The thread exits
+/// afterwards (the caller's threads are untouched).
 pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     let file = std::fs::File::open(format!("/run/netns/{netns}"))
         .with_context(|| format!("opening network namespace {netns}"))?;
+    let cgroup = node_cgroup(netns);
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on a valid namespace fd affects only this thread.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns({netns}): {}", std::io::Error::last_os_error());
+            }
+            if let Some(cg) = &cgroup {
+                cgroups::join_thread(cg)
+                    .with_context(|| format!("joining {}'s cgroup {}", netns, cg.display()))?;
             }
             Ok(f())
         })
@@ -297,6 +325,480 @@ fn remove_stale_namespaces() {
     }
 }
 
+/// The node cgroup a process or thread "inside" network namespace `netns`
+/// joins: its node's, for a node's or a pod's namespace, while the cluster
+/// is up; None for the control plane, the external host and the underlay,
+/// and when this machine has no cgroup v2.
+pub fn node_cgroup(netns: &str) -> Option<PathBuf> {
+    cgroups::lookup(netns)
+}
+
+/// Make `cmd`, which runs inside `netns` (through `ip netns exec`,
+/// `nsenter`, ...), join that namespace's node cgroup before it execs, so
+/// it and everything it starts are processes of that node. Does nothing
+/// for a namespace of no node.
+pub fn enter_node_cgroup(cmd: &mut Command, netns: &str) -> Result<()> {
+    match node_cgroup(netns) {
+        Some(cg) => cgroups::join_before_exec(cmd, &cg),
+        None => Ok(()),
+    }
+}
+
+/// Why clusters here cannot have node cgroups (no cluster at all, no
+/// cgroup v2 mounted, or no threaded cgroup can be made in it), or None
+/// when they can: the eBPF dataplane's tests skip on Some.
+pub fn cgroup_skip_reason() -> Option<String> {
+    if let Some(why) = skip_reason() {
+        return Some(why);
+    }
+    cgroups::usable().err()
+}
+
+/// The cgroup v2 directory process `pid` is in (absolute, under the cgroup
+/// v2 mount).
+pub fn process_cgroup(pid: u32) -> Result<PathBuf> {
+    cgroups::of(&format!("/proc/{pid}/cgroup"))
+}
+
+/// The service dataplane a cluster's agents run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    /// The agent's defaults (today's iptables dataplane).
+    Iptables,
+    /// `--dataplane ebpf`, with the node's cgroup and bpffs directory.
+    Ebpf,
+}
+
+impl Dataplane {
+    /// Chooses the dataplane of clusters whose test does not:
+    /// `ebpf` or `iptables` (the default).
+    pub const ENV: &'static str = "WEFT_TEST_DATAPLANE";
+
+    /// The dataplane `WEFT_TEST_DATAPLANE` names; iptables when it is unset
+    /// or empty.
+    pub fn from_env() -> Result<Dataplane> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if !v.is_empty() => v.parse(),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(Dataplane::Iptables),
+            Err(e) => bail!("{}: {e}", Self::ENV),
+        }
+    }
+}
+
+impl std::str::FromStr for Dataplane {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Dataplane> {
+        match s {
+            "iptables" => Ok(Dataplane::Iptables),
+            "ebpf" => Ok(Dataplane::Ebpf),
+            other => bail!(
+                "{}={other:?}: expected `ebpf` or `iptables`",
+                Dataplane::ENV
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dataplane::Iptables => "iptables",
+            Dataplane::Ebpf => "ebpf",
+        })
+    }
+}
+
+/// cgroup v2 for the simulated nodes: the test process's threaded domain
+/// (refcounted by its clusters), one threaded child per node, and which
+/// network namespace belongs to which node's cgroup.
+mod cgroups {
+    use anyhow::{bail, Context, Result};
+    use std::collections::BTreeMap;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::{Mutex, MutexGuard, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// Where cgroup v2 is mounted: /sys/fs/cgroup/unified on hybrid hosts
+    /// (design.md), else /sys/fs/cgroup when that is v2; or why neither.
+    pub fn root() -> Result<&'static Path, String> {
+        static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        ROOT.get_or_init(|| {
+            ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|d| d.join("cgroup.controllers").exists())
+                .ok_or_else(|| {
+                    "no cgroup v2 at /sys/fs/cgroup/unified or /sys/fs/cgroup".to_string()
+                })
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+    }
+
+    /// Whether a domain with a threaded child can be made under [`root`]
+    /// (tried once, with an empty pair removed at once).
+    pub fn usable() -> Result<(), String> {
+        static USABLE: OnceLock<Result<(), String>> = OnceLock::new();
+        USABLE
+            .get_or_init(|| {
+                let dir = root()?.join(format!("weft-t{}-0", std::process::id()));
+                let child = dir.join("probe");
+                let made = std::fs::create_dir(&dir)
+                    .with_context(|| format!("creating cgroup {}", dir.display()))
+                    .and_then(|()| create_node(&dir, "probe").map(drop));
+                let _ = std::fs::remove_dir(&child);
+                let _ = std::fs::remove_dir(&dir);
+                made.map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+    }
+
+    struct Domain {
+        dir: PathBuf,
+        /// Where the process was before it moved in, and goes back to.
+        original: PathBuf,
+    }
+
+    /// The domain and how many clusters hold it.
+    struct State {
+        domain: Option<Domain>,
+        users: usize,
+    }
+
+    static STATE: Mutex<State> = Mutex::new(State {
+        domain: None,
+        users: 0,
+    });
+
+    /// netns name → node cgroup.
+    static NODES: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+
+    fn lock<T>(m: &'static Mutex<T>) -> MutexGuard<'static, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cluster's hold on the domain; the last one dropped moves the test
+    /// process back to its own cgroup and removes the domain.
+    pub struct DomainRef {
+        pub dir: PathBuf,
+    }
+
+    /// Put the test process in its domain (created on first use), or say
+    /// why it cannot be.
+    pub fn acquire() -> Result<DomainRef, String> {
+        let root = root()?;
+        let mut st = lock(&STATE);
+        if st.domain.is_none() {
+            remove_stale(root);
+            let dir = root.join(format!("weft-t{}-{}", std::process::id(), crate::nanos()));
+            std::fs::create_dir(&dir)
+                .map_err(|e| format!("creating cgroup {}: {e}", dir.display()))?;
+            st.domain = Some(Domain {
+                original: PathBuf::new(),
+                dir,
+            });
+        }
+        let users = st.users;
+        let domain = st.domain.as_mut().expect("set above");
+        if users == 0 {
+            if let Err(e) = enter(domain) {
+                // A fresh, empty domain goes again; one kept from before stays.
+                if std::fs::remove_dir(&domain.dir).is_ok() {
+                    st.domain = None;
+                }
+                return Err(format!("{e:#}"));
+            }
+        }
+        let dir = domain.dir.clone();
+        st.users += 1;
+        Ok(DomainRef { dir })
+    }
+
+    /// Move the whole test process into the domain, remembering where it was.
+    fn enter(domain: &mut Domain) -> Result<()> {
+        let current = of("/proc/self/cgroup")?;
+        if !current.starts_with(&domain.dir) {
+            domain.original = current;
+        }
+        write(
+            &domain.dir.join("cgroup.procs"),
+            &std::process::id().to_string(),
+        )
+    }
+
+    impl Drop for DomainRef {
+        fn drop(&mut self) {
+            let mut st = lock(&STATE);
+            st.users -= 1;
+            if st.users > 0 {
+                return;
+            }
+            let Some(domain) = st.domain.as_ref() else {
+                return;
+            };
+            let back = domain.original.join("cgroup.procs");
+            if let Err(e) = write(&back, &std::process::id().to_string()) {
+                eprintln!("cgroups: cannot move the test process back: {e:#}");
+                return;
+            }
+            match remove_tree(&domain.dir) {
+                Ok(()) => st.domain = None,
+                // Kept for the next cluster of this process, or for the
+                // stale sweep of a later run.
+                Err(e) => eprintln!("cgroups: leftover {}: {e:#}", domain.dir.display()),
+            }
+        }
+    }
+
+    /// Create node cgroup `name` in the domain, threaded so single threads
+    /// of the test process can join it.
+    pub fn create_node(domain: &Path, name: &str) -> Result<PathBuf> {
+        let dir = domain.join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        if let Err(e) = write(&dir.join("cgroup.type"), "threaded") {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    pub fn register(netns: &str, cgroup: &Path) {
+        lock(&NODES).insert(netns.to_string(), cgroup.to_path_buf());
+    }
+
+    pub fn unregister(netns: &str) {
+        lock(&NODES).remove(netns);
+    }
+
+    pub fn lookup(netns: &str) -> Option<PathBuf> {
+        lock(&NODES).get(netns).cloned()
+    }
+
+    /// Move the calling thread (only) into `cgroup`.
+    pub fn join_thread(cgroup: &Path) -> Result<()> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        write(&cgroup.join("cgroup.threads"), &tid.to_string())
+    }
+
+    /// Have `cmd`'s child move itself into `cgroup` between fork and exec.
+    pub fn join_before_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+            .with_context(|| format!("cgroup path {}", cgroup.display()))?;
+        // SAFETY: the closure runs in the forked child and only calls
+        // open/write/close (async-signal-safe) on memory allocated before
+        // the fork; reading errno allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" is the writing process: this child.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
+    /// The cgroup v2 directory in a `/proc/.../cgroup` file (its `0::` line).
+    pub fn of(proc_file: &str) -> Result<PathBuf> {
+        let root = root().map_err(anyhow::Error::msg)?;
+        let text =
+            std::fs::read_to_string(proc_file).with_context(|| format!("reading {proc_file}"))?;
+        let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+            bail!("{proc_file} has no cgroup v2 line: {text:?}");
+        };
+        Ok(root.join(rel.trim_start_matches('/')))
+    }
+
+    /// Remove an (empty) cgroup, waiting briefly for exiting processes to
+    /// leave it; gone already is fine.
+    pub fn remove(dir: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    // cgroup.procs cannot be read in a threaded cgroup.
+                    let tasks = std::fs::read_to_string(dir.join("cgroup.threads"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "removing cgroup {} (tasks still in it: [{tasks}])",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Remove `dir` and the cgroups directly under it (node cgroups a
+    /// teardown could not remove).
+    fn remove_tree(dir: &Path) -> Result<()> {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&e.path())?;
+                }
+            }
+        }
+        remove(dir)
+    }
+
+    /// Remove the domains of test processes that are gone (killed before
+    /// their clusters dropped). Only empty cgroups go: processes left in
+    /// them are reported, never killed.
+    fn remove_stale(root: &Path) {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("weft-t"))
+                .and_then(|r| r.split_once('-'))
+                .filter(|(p, n)| {
+                    !p.is_empty()
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && n.bytes().all(|b| b.is_ascii_digit())
+                })
+                .map(|(p, _)| p.to_string())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            if let Err(e) = remove_tree(&e.path()) {
+                eprintln!("cgroups: stale domain: {e:#}");
+            }
+        }
+    }
+
+    fn write(path: &Path, value: &str) -> Result<()> {
+        std::fs::write(path, value)
+            .with_context(|| format!("writing {value} to {}", path.display()))
+    }
+}
+
+/// Whether `path` has a file system mounted on it (another device than its
+/// parent's, or listed in the mount table).
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(here), Some(Ok(parent))) = (
+        std::fs::symlink_metadata(path),
+        path.parent().map(std::fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    if here.dev() != parent.dev() {
+        return true;
+    }
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    mount_points().contains(&path)
+}
+
+/// Mount points in this process's mount namespace.
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match octal {
+            Some(c) if b[i] == b'\\' => {
+                out.push(c);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detach every file system mounted on `path` (an agent that restarted
+/// may have stacked more than one).
+fn unmount_all(path: &Path) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    for _ in 0..16 {
+        if !is_mount_point(path) {
+            return Ok(());
+        }
+        // SAFETY: umount2 reads a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            bail!(
+                "unmounting {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    bail!("{} is still a mount point", path.display())
+}
+
+/// Unmount node bpffs directories of earlier runs whose test process is
+/// gone (`<tmp>/weft-e2e-wc<pid>x<n>-.../<node>/bpffs`), before their temp
+/// directories are reused or removed by hand.
+fn remove_stale_mounts() {
+    let tmp = std::env::temp_dir();
+    for m in mount_points() {
+        let Ok(rel) = m.strip_prefix(&tmp) else {
+            continue;
+        };
+        let parts: Vec<_> = rel.iter().filter_map(|p| p.to_str()).collect();
+        let [run, _node, "bpffs"] = parts[..] else {
+            continue;
+        };
+        let Some(pid) = run
+            .strip_prefix("weft-e2e-wc")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Err(e) = unmount_all(&m) {
+            eprintln!("stale bpffs: {e:#}");
+        }
+    }
+}
+
 /// Forwards connections accepted on a loopback port of the calling
 /// namespace to `target` inside another namespace: how the test process
 /// reaches the control plane.
@@ -313,14 +815,28 @@ impl Forwarder {
         let ns = std::fs::File::open(format!("/run/netns/{netns}"))
             .with_context(|| format!("opening network namespace {netns}"))?;
         let flag = stop.clone();
+        let cgroup = node_cgroup(netns);
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let name = netns.to_string();
         std::thread::Builder::new()
             .name(format!("fwd-{netns}"))
             .spawn(move || {
                 // SAFETY: setns on a valid namespace fd affects only this thread.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("setns({name}): {e}")));
                     return;
                 }
                 drop(ns);
+                // A node's connections carry its cgroup (and so do the
+                // splice threads this thread starts).
+                if let Some(cg) = &cgroup {
+                    if let Err(e) = cgroups::join_thread(cg) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
                 for conn in listener.incoming() {
                     if flag.load(Ordering::SeqCst) {
                         break;
@@ -334,6 +850,10 @@ impl Forwarder {
                     splice(client, server);
                 }
             })?;
+        ready
+            .recv()
+            .context("the forwarder thread exited")?
+            .with_context(|| format!("forwarder into {netns}"))?;
         Ok(Forwarder { addr, stop })
     }
 }
@@ -379,6 +899,14 @@ pub struct Node {
     /// Extra flags for the agent's next start.
     pub agent_args: Vec<String>,
     host_workload: Option<Child>,
+    /// The node's cgroup v2 directory: every process of the node (agent,
+    /// CNI runs, host and pod workloads, commands) and every [`in_netns`]
+    /// thread into it is there. None when the machine has none
+    /// ([`Cluster::cgroups_unavailable`] says why).
+    pub cgroup: Option<PathBuf>,
+    /// `<dir>/bpffs`, created empty: where the agent mounts its bpf file
+    /// system for the eBPF dataplane. Unmounted at teardown.
+    pub bpffs: PathBuf,
 }
 
 impl Node {
@@ -394,6 +922,11 @@ impl Node {
 
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// The pid of the workload running in the node's own namespace.
+    pub fn host_workload_pid(&self) -> Option<u32> {
+        self.host_workload.as_ref().map(|c| c.id())
     }
 
     /// The CNI network config the node's runtime uses.
@@ -440,6 +973,12 @@ pub struct Cluster {
     pod_counter: usize,
     known_namespaces: Vec<String>,
     started: Instant,
+    /// The dataplane [`Cluster::start_agent`] starts agents with.
+    pub dataplane: Dataplane,
+    /// Why the nodes have no cgroup (None when they have one).
+    pub cgroups_unavailable: Option<String>,
+    /// This cluster's hold on the test process's cgroup domain.
+    cgroup_domain: Option<cgroups::DomainRef>,
     // Last: removed after everything above is gone.
     pub tmp: TempDir,
 }
@@ -447,11 +986,30 @@ pub struct Cluster {
 impl Cluster {
     /// Bring up a cluster of `nodes` nodes (1..=6), wait until every node has
     /// its podCIDR, its node state file and routes to every peer's subnet.
+    /// The agents run the dataplane `WEFT_TEST_DATAPLANE` names (iptables
+    /// when unset).
     pub fn up(nodes: usize) -> Result<Cluster> {
+        Self::up_with(nodes, Dataplane::from_env()?)
+    }
+
+    /// [`Cluster::up`] with agents running `dataplane`. The eBPF dataplane
+    /// needs node cgroups: check [`cgroup_skip_reason`] first.
+    pub fn up_with(nodes: usize, dataplane: Dataplane) -> Result<Cluster> {
         if !(1..=6).contains(&nodes) {
             bail!("a simulated cluster has 1 to 6 nodes, not {nodes}");
         }
         remove_stale_namespaces();
+        remove_stale_mounts();
+        let (cgroup_domain, cgroups_unavailable) = match cgroups::acquire() {
+            Ok(d) => (Some(d), None),
+            Err(why) => (None, Some(why)),
+        };
+        if let Some(why) = &cgroups_unavailable {
+            if dataplane == Dataplane::Ebpf {
+                bail!("the eBPF dataplane needs node cgroups, and there are none: {why}");
+            }
+            eprintln!("cluster: nodes without cgroups: {why}");
+        }
         let prefix = format!(
             "wc{}x{}",
             std::process::id(),
@@ -474,12 +1032,16 @@ impl Cluster {
             pod_counter: 0,
             known_namespaces: Vec::new(),
             started: Instant::now(),
+            dataplane,
+            cgroups_unavailable,
+            cgroup_domain,
             tmp,
         };
         c.bring_up(nodes)?;
         eprintln!(
-            "cluster {}: {nodes} nodes up in {:.1}s (logs: {})",
+            "cluster {}: {nodes} nodes ({}) up in {:.1}s (logs: {})",
             c.prefix,
+            c.dataplane,
             c.started.elapsed().as_secs_f64(),
             c.tmp.0.display()
         );
@@ -576,10 +1138,21 @@ impl Cluster {
         for i in 1..=n {
             let name = format!("node-{i}");
             let dir = self.tmp.0.join(&name);
-            std::fs::create_dir_all(&dir)?;
+            std::fs::create_dir_all(dir.join("bpffs"))?;
             std::fs::write(dir.join("token"), format!("{}\n", node_token(&name)))?;
-            let mut node = Node {
-                netns: self.ns(&format!("n{i}")),
+            let netns = self.ns(&format!("n{i}"));
+            let cgroup = match &self.cgroup_domain {
+                Some(d) => {
+                    let cg = cgroups::create_node(&d.dir, &format!("{}-{name}", self.prefix))?;
+                    cgroups::register(&netns, &cg);
+                    Some(cg)
+                }
+                None => None,
+            };
+            let node = Node {
+                netns,
+                cgroup,
+                bpffs: dir.join("bpffs"),
                 ip: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
                 state_path: dir.join("node.json"),
                 socket: dir.join("agent.sock"),
@@ -593,13 +1166,13 @@ impl Cluster {
                 name,
                 dir,
             };
-            std::fs::write(&node.cni_config, node.cni_conf().to_string())?;
-            node.host_workload = Some(self.spawn_workload(
-                &node.netns,
-                &node.name,
-                &node.dir.join("host-workload.log"),
-            )?);
+            // Pushed first: teardown removes its cgroup whatever fails next.
             self.nodes.push(node);
+            let node = &self.nodes[i - 1];
+            std::fs::write(&node.cni_config, node.cni_conf().to_string())?;
+            let workload =
+                self.spawn_workload(&node.netns, &node.name, &node.dir.join("host-workload.log"))?;
+            self.nodes[i - 1].host_workload = Some(workload);
             self.start_agent(i - 1)?;
         }
         self.wait_overlay(Duration::from_secs(60))
@@ -683,7 +1256,9 @@ impl Cluster {
 
     fn spawn_workload(&self, netns: &str, name: &str, log: &Path) -> Result<Child> {
         let log = log_file(log)?;
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        enter_node_cgroup(&mut cmd, netns)?;
+        let child = cmd
             .args(["netns", "exec", netns])
             .arg(bin("weft-workload")?)
             .args(["--name", name])
@@ -706,16 +1281,38 @@ impl Cluster {
         Ok(child)
     }
 
-    /// Start (or restart) node `i`'s agent; its log is a new `agent.<n>.log`.
+    /// Start (or restart) node `i`'s agent with [`Cluster::dataplane`]; its
+    /// log is a new `agent.<n>.log`.
+    ///
+    /// `nsenter --net`, not `ip netns exec`: the agent stays in the host's
+    /// mount namespace, so the bpffs it mounts on [`Node::bpffs`] (and its
+    /// pins) outlive it for a restart, and it sees the cgroup v2 mount
+    /// (`ip netns exec` remounts /sys without it). It joins the node's
+    /// cgroup before exec.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let dataplane = self.dataplane;
         let node = &mut self.nodes[i];
         if node.agent.is_some() {
             bail!("the agent of {} is running", node.name);
         }
+        let mut dataplane_args: Vec<std::ffi::OsString> = Vec::new();
+        if dataplane == Dataplane::Ebpf {
+            let cg = node.cgroup.as_ref().with_context(|| {
+                format!("the eBPF dataplane on {} needs a node cgroup", node.name)
+            })?;
+            dataplane_args.extend(["--dataplane".into(), "ebpf".into()]);
+            dataplane_args.extend(["--cgroup-path".into(), cg.into()]);
+            dataplane_args.extend(["--bpffs-path".into(), node.bpffs.clone().into()]);
+        }
         node.agent_starts += 1;
         let log = log_file(&node.agent_log())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns])
+        let mut cmd = Command::new("nsenter");
+        if let Some(cg) = &node.cgroup {
+            cgroups::join_before_exec(&mut cmd, cg)?;
+        }
+        let child = cmd
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg("--")
             .arg(bin("weft-agent")?)
             .args(["--server", SERVER, "--token-file"])
             .arg(node.dir.join("token"))
@@ -732,6 +1329,7 @@ impl Cluster {
             // Each simulated node is its own host: its own xtables lock (the
             // default /run/xtables.lock is shared by every namespace).
             .env("XTABLES_LOCKFILE", node.dir.join("xtables.lock"))
+            .args(&dataplane_args)
             .args(&node.agent_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -739,7 +1337,7 @@ impl Cluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting weft-agent")?;
+            .context("starting weft-agent (through nsenter)")?;
         node.agent = Some(child);
         Ok(())
     }
@@ -886,6 +1484,10 @@ impl Cluster {
         let k = self.pod_counter;
         let netns = self.ns(&format!("p{k}"));
         self.add_netns(&netns)?;
+        // A pod's processes are its node's.
+        if let Some(cg) = &self.nodes[node].cgroup {
+            cgroups::register(&netns, cg);
+        }
         let container_id = format!("{}-{k}-{name}", self.prefix);
         let cni_args =
             format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}");
@@ -958,6 +1560,7 @@ impl Cluster {
             );
         }
         self.pods.retain(|p| p.container_id != pod.container_id);
+        cgroups::unregister(&pod.netns);
         ip(&["netns", "del", &pod.netns])?;
         self.namespaces.retain(|n| n != &pod.netns);
         let _ = self.delete(&format!(
@@ -965,6 +1568,11 @@ impl Cluster {
             pod.namespace, pod.name
         ));
         Ok(())
+    }
+
+    /// The pid of the workload running in `pod`, while it runs.
+    pub fn workload_pid(&self, pod: &Pod) -> Option<u32> {
+        self.pod_workloads.get(&pod.container_id).map(|c| c.id())
     }
 
     /// Set the pod's Ready condition (as a kubelet's readiness probe would).
@@ -1007,7 +1615,11 @@ impl Cluster {
     ) -> Result<Output> {
         let n = &self.nodes[node];
         let plugin = bin("weft-cni")?;
-        let mut child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        if let Some(cg) = &n.cgroup {
+            cgroups::join_before_exec(&mut cmd, cg)?;
+        }
+        let mut child = cmd
             .args(["netns", "exec", &n.netns])
             .arg(&plugin)
             .env("CNI_COMMAND", command)
@@ -1043,10 +1655,12 @@ impl Cluster {
 
     // ---- commands ----
 
-    /// Run `args` inside network namespace `netns` (`ip netns exec`).
+    /// Run `args` inside network namespace `netns` (`ip netns exec`), in its
+    /// node's cgroup when it has one.
     pub fn exec(&self, netns: &str, args: &[&str]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", netns])
+        let mut cmd = Command::new("ip");
+        enter_node_cgroup(&mut cmd, netns)?;
+        cmd.args(["netns", "exec", netns])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -1055,7 +1669,9 @@ impl Cluster {
 
     /// Like [`Cluster::exec`], Ok(stdout) only when the command succeeds.
     pub fn sh(&self, netns: &str, args: &[&str]) -> Result<String> {
-        run(Command::new("ip").args(["netns", "exec", netns]).args(args))
+        let mut cmd = Command::new("ip");
+        enter_node_cgroup(&mut cmd, netns)?;
+        run(cmd.args(["netns", "exec", netns]).args(args))
     }
 
     /// Node `i`'s overlay as the kernel holds it: routes, the VXLAN
@@ -1149,6 +1765,10 @@ impl Drop for Cluster {
         if let Some(mut c) = self.control.take() {
             c.kill9();
         }
+        // Nothing joins a node's cgroup from here on.
+        for ns in &self.namespaces {
+            cgroups::unregister(ns);
+        }
         for ns in self.namespaces.iter().rev() {
             // Anything still running in it (a client a test started) goes too.
             if let Ok(pids) = ip(&["netns", "pids", ns]) {
@@ -1165,5 +1785,144 @@ impl Drop for Cluster {
                 eprintln!("cluster {}: {e:#}", self.prefix);
             }
         }
+        // Every process we started is gone: the node cgroups are empty
+        // unless something else joined them, which is reported, not killed.
+        for node in &self.nodes {
+            if let Some(cg) = &node.cgroup {
+                if let Err(e) = cgroups::remove(cg) {
+                    eprintln!("cluster {}: leftover {e:#}", self.prefix);
+                }
+            }
+            // Before the temp directory goes: removing files in a mounted
+            // bpffs would unpin maps.
+            if let Err(e) = unmount_all(&node.bpffs) {
+                eprintln!("cluster {}: {e:#}", self.prefix);
+            }
+        }
+        // The last cluster of the process moves it back to its own cgroup.
+        self.cgroup_domain = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataplane_names() {
+        assert_eq!("ebpf".parse::<Dataplane>().unwrap(), Dataplane::Ebpf);
+        assert_eq!(
+            "iptables".parse::<Dataplane>().unwrap(),
+            Dataplane::Iptables
+        );
+        let err = "nft".parse::<Dataplane>().unwrap_err().to_string();
+        assert!(err.contains("WEFT_TEST_DATAPLANE=\"nft\""), "{err}");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b\134c"), r"/tmp/a b\c");
+        assert_eq!(unescape_mountinfo(r"/tmp/x\0"), r"/tmp/x\0");
+    }
+
+    /// Every process of a node (agent, host and pod workloads, commands)
+    /// and every in-process client into it is in that node's cgroup and in
+    /// no other node's; the control plane and the external host are in
+    /// none; nothing is left once the cluster drops.
+    #[test]
+    fn node_processes_live_in_their_node_cgroup() -> Result<()> {
+        if skip() {
+            return Ok(());
+        }
+        if let Some(why) = cgroup_skip_reason() {
+            println!("skipped: {why}");
+            return Ok(());
+        }
+        let before = cgroups::of("/proc/self/cgroup")?;
+        let mut c = Cluster::up_with(2, Dataplane::Iptables)?;
+        let pods = [c.add_pod(0, "cg", "a", &[])?, c.add_pod(1, "cg", "b", &[])?];
+        let cgs = c
+            .nodes
+            .iter()
+            .map(|n| n.cgroup.clone().context("a node without a cgroup"))
+            .collect::<Result<Vec<_>>>()?;
+        assert_ne!(cgs[0], cgs[1]);
+        let domain = cgroups::of("/proc/self/cgroup")?;
+        assert!(
+            cgs.iter().all(|cg| cg.parent() == Some(domain.as_path())),
+            "{cgs:?} not under {}",
+            domain.display()
+        );
+        let thread_cgroup = || cgroups::of("/proc/thread-self/cgroup");
+        for (i, node) in c.nodes.iter().enumerate() {
+            let agent = node.agent_pid().context("no agent")?;
+            assert_eq!(process_cgroup(agent)?, cgs[i], "agent of {}", node.name);
+            let host = node.host_workload_pid().context("no host workload")?;
+            assert_eq!(
+                process_cgroup(host)?,
+                cgs[i],
+                "host workload of {}",
+                node.name
+            );
+            let cat = c.sh(&node.netns, &["cat", "/proc/self/cgroup"])?;
+            let rel = cgs[i].strip_prefix(cgroups::root().unwrap()).unwrap();
+            assert!(
+                cat.lines().any(|l| l == format!("0::/{}", rel.display())),
+                "a command in {}: {cat}",
+                node.netns
+            );
+            assert_eq!(in_netns(&node.netns, thread_cgroup)??, cgs[i]);
+        }
+        for pod in &pods {
+            let pid = c.workload_pid(pod).context("no workload")?;
+            assert_eq!(
+                process_cgroup(pid)?,
+                cgs[pod.node],
+                "workload of {}",
+                pod.name
+            );
+            assert_eq!(in_netns(&pod.netns, thread_cgroup)??, cgs[pod.node]);
+        }
+        for ns in [c.external_ns(), c.ns("cp"), c.ns("ul")] {
+            assert_eq!(in_netns(&ns, thread_cgroup)??, domain, "a thread in {ns}");
+        }
+        let control = c
+            .control
+            .as_ref()
+            .and_then(|p| p.pid())
+            .context("no control")?;
+        assert_eq!(process_cgroup(control)?, domain);
+        // The calling thread is where it was.
+        assert_eq!(thread_cgroup()?, domain);
+        // bpffs mounted on a node's directory, twice (as by an agent and
+        // its restart): teardown unmounts both before removing the files.
+        let bpffs = c.nodes[0].bpffs.clone();
+        let target = CString::new(bpffs.as_os_str().as_bytes())?;
+        for _ in 0..2 {
+            // SAFETY: valid NUL-terminated strings; no data argument.
+            let rc = unsafe {
+                libc::mount(
+                    c"bpf".as_ptr(),
+                    target.as_ptr(),
+                    c"bpf".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0, "mount bpf: {}", std::io::Error::last_os_error());
+        }
+        assert!(is_mount_point(&bpffs));
+        drop(c);
+        assert!(
+            !mount_points().contains(&bpffs),
+            "{} still mounted",
+            bpffs.display()
+        );
+        for cg in &cgs {
+            assert!(!cg.exists(), "{} left behind", cg.display());
+        }
+        assert_eq!(cgroups::of("/proc/self/cgroup")?, before);
+        assert!(!domain.exists(), "{} left behind", domain.display());
+        Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! weft's end-to-end harness: starts the real binaries as separate processes
-//! on loopback (and, as the cluster grows, in network namespaces) and cleans
-//! up after itself even when a test fails.
+//! on loopback or in a simulated cluster of network namespaces and cgroups
+//! ([`cluster`]) and cleans up after itself even when a test fails.
 
 pub mod bench;
 pub mod benchnet;
@@ -117,6 +117,9 @@ impl ControlProcess {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
+                // A no-op in the simulated cluster (the control plane's
+                // namespace belongs to no node).
+                cluster::enter_node_cgroup(&mut c, ns)?;
                 c.args(["netns", "exec", ns]).arg(bin("weft-control")?);
                 c
             }

@@ -11,7 +11,9 @@ pub fn object() -> &'static [u8] {
 mod tests {
     use super::super::kernel::SOCKET_PROGRAMS;
     use super::*;
-    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+    use aya_obj::generated::bpf_map_type::{
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
+    };
     use aya_obj::maps::PinningType;
     use aya_obj::programs::CgroupSockAddrAttachType;
     use aya_obj::{Object, ProgramSection};
@@ -38,6 +40,20 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn object_has_the_tc_program() {
+        let obj = Object::parse(object()).expect("embedded object parses");
+        let prog = obj
+            .programs
+            .get(super::super::kernel::TC_PROGRAM)
+            .expect("TC program");
+        assert!(
+            matches!(prog.section, ProgramSection::SchedClassifier),
+            "{:?}",
+            prog.section
+        );
     }
 
     #[test]
@@ -79,6 +95,14 @@ mod tests {
                 4,
                 AFFINITY_MATCH_MAX_ENTRIES,
             ),
+            (
+                CT_MAP,
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<CtKey>(),
+                size_of::<CtValue>(),
+                CT_MAX_ENTRIES,
+            ),
+            (NODE_MAP, BPF_MAP_TYPE_ARRAY, 4, size_of::<NodeConfig>(), 1),
             (
                 SOCK_REV_MAP,
                 BPF_MAP_TYPE_LRU_HASH,

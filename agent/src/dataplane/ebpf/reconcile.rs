@@ -132,6 +132,9 @@ pub struct Stats {
     pub skipped_ipv6: usize,
     /// Services whose `weft.dev/lb` value is unknown (random is used).
     pub unknown_lb: Vec<(String, String)>,
+    /// Backends (address, port, network order) no set holds any more: their
+    /// connected UDP sockets and north-south connections are stale.
+    pub removed_backends: Vec<(u32, u16)>,
 }
 
 struct SetEntry {
@@ -171,6 +174,10 @@ pub struct Reconciler {
     /// Groups found in the maps on adoption, not yet claimed by a Service port.
     orphan_groups: HashMap<u32, BTreeSet<(u32, u16)>>,
     ids: Ids,
+    /// Backend (address, port) -> number of sets holding it.
+    backend_sets: HashMap<(u32, u16), usize>,
+    /// Backends whose count dropped to 0 during this apply.
+    dropped: Vec<(u32, u16)>,
     /// The next apply looks at every frontend (after adoption).
     full: bool,
     /// Frontends adopted from the maps: their set is referenced, their
@@ -222,6 +229,9 @@ impl Reconciler {
                 maglev: image.maglev.contains_key(&id),
             };
             if contiguous && !r.sets.contains_key(&spec) {
+                for b in &spec.backends {
+                    *r.backend_sets.entry((b.addr_be, b.port_be)).or_insert(0) += 1;
+                }
                 r.set_by_id.insert(id, spec.clone());
                 r.sets.insert(spec, SetEntry { id, refs: 0 });
             }
@@ -368,6 +378,15 @@ impl Reconciler {
             self.full = false;
         }
         stats.writes = writes;
+        // A backend dropped from one set and added to another in the same
+        // apply is still live.
+        let mut removed: Vec<(u32, u16)> = std::mem::take(&mut self.dropped)
+            .into_iter()
+            .filter(|k| !self.backend_sets.contains_key(k))
+            .collect();
+        removed.sort_unstable();
+        removed.dedup();
+        stats.removed_backends = removed;
         Ok(stats)
     }
 
@@ -453,6 +472,9 @@ impl Reconciler {
                         )
                         .map_err(ReconcileError::Map)?;
                     *writes += 1;
+                }
+                for b in &set.backends {
+                    *self.backend_sets.entry((b.addr_be, b.port_be)).or_insert(0) += 1;
                 }
                 self.sets.insert(set.clone(), SetEntry { id, refs: 1 });
                 self.set_by_id.insert(id, set.clone());
@@ -617,6 +639,16 @@ impl Reconciler {
         if set.maglev {
             store.delete_maglev(id).map_err(ReconcileError::Map)?;
             *writes += 1;
+        }
+        for b in &set.backends {
+            let k = (b.addr_be, b.port_be);
+            if let Some(n) = self.backend_sets.get_mut(&k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.backend_sets.remove(&k);
+                    self.dropped.push(k);
+                }
+            }
         }
         self.sets.remove(set);
         self.set_by_id.remove(&id);
@@ -881,6 +913,7 @@ mod tests {
         assert_eq!(change.services_changed, 1);
         // new set (3) + 4 frontends switched + old set deleted (4)
         assert_eq!(change.writes, 3 + 4 + 4, "{change:?}");
+        assert_eq!(change.removed_backends.len(), 1, "{change:?}");
         assert_eq!(maps.writes - before, change.writes);
     }
 
@@ -1039,6 +1072,19 @@ mod tests {
         consistent(&plan, &maps);
         assert_eq!(maps.image.affinity_match.len(), 3);
         views.services[0].backends.remove(0);
+        let plan = views.plan();
+        r.apply(&plan, &mut maps).unwrap();
+        consistent(&plan, &maps);
+        assert_eq!(maps.image.affinity_match.len(), 2);
+        views.services[0].affinity_timeout = None;
+        let plan = views.plan();
+        let stats = r.apply(&plan, &mut maps).unwrap();
+        assert!(
+            stats.removed_backends.is_empty(),
+            "a changed set keeps its backends: {stats:?}"
+        );
+        assert!(maps.image.affinity_match.is_empty());
+        views.services[0].affinity_timeout = Some(60);
         let plan = views.plan();
         r.apply(&plan, &mut maps).unwrap();
         consistent(&plan, &maps);

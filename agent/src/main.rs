@@ -478,6 +478,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                         bridge: weft_agent::overlay::BRIDGE.to_string(),
                         vxlan: weft_agent::overlay::VXLAN.to_string(),
                     }),
+                    ipam_dir: Some(args.ipam_dir.clone()),
                 };
                 tracing::info!(cgroup = %ebpf.cgroup.display(), bpffs = %ebpf.bpffs.display(), "eBPF dataplane (hostPorts with iptables)");
                 // hostPorts stay iptables chains: the iptables dataplane

@@ -24,8 +24,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use weft_ebpf_abi::{
-    AffinityMatchKey, Backend, BackendKey, MaglevTable, NodeConfig, ServiceKey, ServiceValue,
-    ABI_VERSION, AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, NODE_MAP, SERVICES_MAP,
+    AffinityMatchKey, Backend, BackendKey, CtKey, CtValue, MaglevTable, NodeConfig, ServiceKey,
+    ServiceValue, ABI_VERSION, CT_FORWARD, CT_MAP, AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, NODE_MAP, SERVICES_MAP,
 };
 
 /// The north-south program, attached at TC ingress of the node's uplink,
@@ -120,6 +120,7 @@ pub struct Kernel {
     maglev: BpfHashMap<MapData, u32, MaglevTable>,
     affinity_match: BpfHashMap<MapData, AffinityMatchKey, u32>,
     node: Array<MapData, NodeConfig>,
+    ct: BpfHashMap<MapData, CtKey, CtValue>,
     pub attach: AttachReport,
     /// Interfaces the TC program is attached to (name -> ifindex), and the
     /// node configuration last written.
@@ -224,6 +225,7 @@ impl Kernel {
             }),
         })?;
         let node = Array::try_from(node_map).map_err(map_err(NODE_MAP))?;
+        let ct = typed(&mut bpf, CT_MAP)?;
         let services = typed(&mut bpf, SERVICES_MAP)?;
         let backends = typed(&mut bpf, BACKENDS_MAP)?;
         let maglev = typed(&mut bpf, MAGLEV_MAP)?;
@@ -237,6 +239,7 @@ impl Kernel {
             maglev,
             affinity_match,
             node,
+            ct,
             attach,
             tc: BTreeMap::new(),
             node_written: None,
@@ -340,6 +343,36 @@ impl Kernel {
         })?;
         self.attach.attached.push(TC_PROGRAM);
         Ok(())
+    }
+
+    /// Delete the north-south connections to any of `backends` (address,
+    /// port, network order): a UDP flow would otherwise keep sending to a
+    /// backend that is gone. Returns how many entries were deleted.
+    pub fn purge_connections(&mut self, backends: &[(u32, u16)]) -> Result<usize, KernelError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let mut doomed = Vec::new();
+        for kv in self.ct.iter() {
+            let Ok((k, v)) = kv else { continue };
+            let backend = if k.dir == CT_FORWARD {
+                (v.addr_a_be, v.port_a_be)
+            } else {
+                (k.saddr_be, k.sport_be)
+            };
+            if backends.contains(&backend) {
+                doomed.push(k);
+            }
+        }
+        let mut n = 0;
+        for k in doomed {
+            match self.ct.remove(&k) {
+                Ok(()) => n += 1,
+                Err(e) if absent(&e) => {}
+                Err(e) => return Err(map_err(CT_MAP)(e)),
+            }
+        }
+        Ok(n)
     }
 
     /// Interfaces the TC program is attached to.

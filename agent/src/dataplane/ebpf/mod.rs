@@ -34,6 +34,9 @@ pub struct EbpfConfig {
     pub bpffs: PathBuf,
     /// Where north-south traffic is translated (None: socket programs only).
     pub tc: Option<kernel::TcInterfaces>,
+    /// The CNI plugin's IPAM claims: the local pods' network namespaces,
+    /// where connected UDP sockets to a removed backend are destroyed.
+    pub ipam_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,75 @@ impl EbpfDataplane {
     }
 }
 
+impl EbpfDataplane {
+    /// Backends no Service uses any more: destroy the connected UDP sockets
+    /// still aimed at them (this node's processes and every local pod), so
+    /// the next connect() picks a live backend, and drop their north-south
+    /// connection entries. Returns how many entries and sockets went;
+    /// failures are logged (the next removal tries again).
+    fn forget_backends(&mut self, removed: &[(u32, u16)]) -> u64 {
+        if removed.is_empty() {
+            return 0;
+        }
+        let targets: Vec<(std::net::Ipv4Addr, u16)> = removed
+            .iter()
+            .map(|(a, p)| (encode::addr_of(*a), u16::from_be(*p)))
+            .collect();
+        let mut n = 0u64;
+        let mut errors = Vec::new();
+        if let Some(k) = self.kernel.as_mut() {
+            match k.purge_connections(removed) {
+                Ok(c) => n += c as u64,
+                Err(e) => errors.push(format!("connection map: {e}")),
+            }
+        }
+        // This thread runs in the node's network namespace (the driver
+        // calls program() on a blocking thread of the agent).
+        match super::sockdestroy::destroy_udp_to(&targets) {
+            Ok(c) => n += c as u64,
+            Err(e) => errors.push(format!("node sockets: {e}")),
+        }
+        let netns: Vec<PathBuf> = self
+            .cfg
+            .ipam_dir
+            .as_deref()
+            .map(pod_netns)
+            .unwrap_or_default();
+        for ns in netns {
+            match super::sockdestroy::destroy_udp_to_in(&ns, &targets) {
+                Ok(c) => n += c as u64,
+                // A pod being torn down: its namespace may be gone already.
+                Err(e) if !ns.exists() => tracing::debug!(netns = %ns.display(), %e, "pod gone"),
+                Err(e) => errors.push(format!("{}: {e}", ns.display())),
+            }
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "cleaning up after removed backends");
+        }
+        if n > 0 {
+            tracing::info!(backends = ?targets, removed = n, "stale UDP sockets and connections removed");
+        }
+        n
+    }
+}
+
+/// Network namespaces of the pods in the IPAM claims.
+fn pod_netns(ipam_dir: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(ipam_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<std::net::Ipv4Addr>().is_ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| weft_model::node_state::Claim::decode(&t))
+        .filter_map(|c| c.netns.map(PathBuf::from))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl ServiceDataplane for EbpfDataplane {
     type Error = EbpfError;
 
@@ -122,6 +194,7 @@ impl ServiceDataplane for EbpfDataplane {
                 return Err(e.into());
             }
         };
+        let destroyed = self.forget_backends(&stats.removed_backends);
         for (key, a, b) in &stats.conflicts {
             tracing::warn!(frontend = ?key, kept = %a, ignored = %b, "two Services want one frontend");
         }
@@ -136,7 +209,7 @@ impl ServiceDataplane for EbpfDataplane {
             chains: stats.writes + hp.chains,
             bytes: hp.bytes,
             full: full || hp.full,
-            conntrack_deleted: hp.conntrack_deleted,
+            conntrack_deleted: hp.conntrack_deleted + destroyed,
             conntrack_errors: hp.conntrack_errors,
             services: plan.services.len(),
             endpoints: plan

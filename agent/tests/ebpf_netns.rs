@@ -25,6 +25,7 @@ use common::Netns;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 21);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 22);
 const BACKENDS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(198, 18, 128, 5),
     Ipv4Addr::new(198, 18, 128, 6),
@@ -138,10 +139,20 @@ fn plan() -> ServicePlan {
             port: 5353,
         });
     }
+    let mut sticky = node_port_service(
+        "sticky",
+        BACKENDS
+            .iter()
+            .map(|ip| backend(&ip.to_string(), NODE, true, true, false))
+            .collect(),
+    );
+    sticky.cluster_ips = vec![STICKY_VIP.into()];
+    sticky.ports[0].node_port = Some(30082);
+    sticky.affinity_timeout = Some(2);
     let mut empty = node_port_service("empty", vec![]);
     empty.cluster_ips = vec![EMPTY_VIP.into()];
     empty.ports[0].node_port = Some(30081);
-    let services: Vec<ServiceEntry> = vec![web, empty];
+    let services: Vec<ServiceEntry> = vec![web, empty, sticky];
     let view = NodeView {
         rev: 1,
         synced: true,
@@ -224,6 +235,22 @@ fn socket_programs_translate_and_survive_a_restart() {
             s.read_to_string(&mut answer).unwrap();
             seen.insert(answer);
         }
+        let mut sticky = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from((STICKY_VIP, 80)),
+                Duration::from_secs(3),
+            )
+            .expect("connect through the sticky ClusterIP");
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            sticky.insert(answer);
+        }
+        assert_eq!(
+            sticky.len(),
+            1,
+            "ClientIP affinity: one backend, saw {sticky:?}"
+        );
         let refused =
             TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), Duration::from_secs(3))
                 .map(|_| ())

@@ -153,8 +153,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Action, i64> {
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Ok(Action::Pass);
     };
-    // SAFETY: index 0 exists in a one-entry array.
-    let node = unsafe { NODE.get(0) }.copied().ok_or(-2i64)?;
+    let node = NODE.get(0).copied().ok_or(-2i64)?;
     if service.flags & SVC_F_REJECT != 0 {
         // To the node's own address, the kernel answers for a port nobody
         // listens on (reset / port unreachable); elsewhere, nothing would.

@@ -292,7 +292,11 @@ impl Kernel {
     }
 
     fn attach_tc(&mut self, iface: &Interface) -> Result<(), KernelError> {
-        let pin = self.root.join("links").join(format!("tc-{}", iface.name));
+        // bpffs refuses names with dots (weft.1).
+        let pin = self
+            .root
+            .join("links")
+            .join(format!("tc-{}", iface.name.replace('.', "_")));
         let prog: &mut SchedClassifier = self
             ._bpf
             .program_mut(TC_PROGRAM)

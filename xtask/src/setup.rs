@@ -21,6 +21,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     // (the reference bridge + host-local plugins it compares against).
     ("iperf3", "iperf3"),
     ("ethtool", "ethtool"),
+    // The eBPF dataplane's restart test (HTTP load through a ClusterIP while
+    // the agent is killed) and `bench services` request/response latency.
+    ("wrk", "wrk"),
+    ("sockperf", "sockperf"),
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
     // The podman e2e test: a real runtime calling weft-cni
     // (shared/runtimes/ci-recipe.sh; runc, not crun, on this hybrid cgroup host).

@@ -371,7 +371,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(node = %args.node_name, "registered");
         let view: weft_agent::sync::SharedView = Arc::new(RwLock::new(NodeView::default()));
         let (tx, mut rx) = tokio::sync::watch::channel(0u64);
-        tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx));
+        let service_changes = weft_agent::sync::SharedChanges::default();
+        tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx, service_changes.clone()));
         let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
         let reports_tx_late = reports_tx.clone();
         let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<weft_agent::local_api::Query>(16);
@@ -462,6 +463,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let shared = weft_agent::dataplane::driver::Shared {
                 view: view.clone(),
                 changes: rx.clone(),
+                service_changes: Some(service_changes.clone()),
                 poke: dataplane_poke.clone(),
                 health: health.clone(),
                 metrics: metrics.clone(),

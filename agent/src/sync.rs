@@ -83,9 +83,55 @@ impl Stream {
 /// briefly; the sync loop applies each frame in place (no copy of the view).
 pub type SharedView = Arc<RwLock<NodeView>>;
 
+/// Which Services the view changed since a consumer last took them: the
+/// keys of every applied delta, or everything after a reset. Lets the
+/// service dataplane re-plan only what changed instead of comparing every
+/// Service.
+#[derive(Debug, Default)]
+pub struct ViewChanges {
+    /// A reset replaced the view: anything may have changed.
+    pub all: bool,
+    pub services: std::collections::BTreeSet<(String, String)>,
+}
+
+pub type SharedChanges = Arc<std::sync::Mutex<ViewChanges>>;
+
+impl ViewChanges {
+    /// Take what accumulated, leaving nothing.
+    pub fn take(changes: &SharedChanges) -> ViewChanges {
+        std::mem::take(&mut *changes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn record(&mut self, frame: &StreamFrame) {
+        match frame {
+            StreamFrame::Reset { .. } => self.all = true,
+            StreamFrame::Delta { changes, .. } => {
+                for c in changes {
+                    match c {
+                        weft_model::view::Change::Service { service } => {
+                            self.services.insert(service.key());
+                        }
+                        weft_model::view::Change::ServiceRemoved { namespace, name } => {
+                            self.services.insert((namespace.clone(), name.clone()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            StreamFrame::Ping { .. } => {}
+        }
+    }
+}
+
 /// Follow the stream forever, applying frames to `view` and announcing each new
 /// revision on `revs`. Reconnects with backoff; resumes from the held revision.
-pub async fn follow(ep: Endpoint, node: String, view: SharedView, revs: watch::Sender<u64>) {
+pub async fn follow(
+    ep: Endpoint,
+    node: String,
+    view: SharedView,
+    revs: watch::Sender<u64>,
+    changed: SharedChanges,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let since = {
@@ -107,13 +153,23 @@ pub async fn follow(ep: Endpoint, node: String, view: SharedView, revs: watch::S
                         Ok(Some(StreamFrame::Ping { .. })) => {}
                         Ok(Some(frame)) => {
                             let rev = frame.rev();
+                            let mut noted = ViewChanges::default();
+                            noted.record(&frame);
                             let applied =
                                 view.write().unwrap_or_else(|p| p.into_inner()).apply(frame);
                             if let Err(e) = applied {
                                 tracing::warn!(error = %e, rev, "frame out of order; starting over");
                                 *view.write().unwrap_or_else(|p| p.into_inner()) =
                                     NodeView::default();
+                                changed.lock().unwrap_or_else(|p| p.into_inner()).all = true;
                                 break;
+                            }
+                            {
+                                // After the view holds the change, before
+                                // consumers are woken.
+                                let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+                                c.all |= noted.all;
+                                c.services.extend(noted.services);
                             }
                             let _ = revs.send(rev);
                         }

@@ -34,6 +34,9 @@ pub struct Shared {
     pub poke: Arc<Notify>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// Which Services changed (the stream's deltas): the plan is then
+    /// edited by those only. None: every Service is compared each time.
+    pub service_changes: Option<crate::sync::SharedChanges>,
 }
 
 pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shared) {
@@ -43,6 +46,7 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
         poke,
         health,
         metrics,
+        service_changes,
     } = shared;
     // healthCheckNodePorts answer on the node's addresses.
     let mut service_health =
@@ -87,10 +91,13 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
                 continue;
             }
             metrics.set_revision(v.rev);
-            (
-                planner.build(&v, &cfg.plan),
-                health_checks(&v, &cfg.plan.node),
-            )
+            // Taken while the view is read-locked: a change applied later
+            // is noted for the next round.
+            let plan = match service_changes.as_ref().map(crate::sync::ViewChanges::take) {
+                Some(c) if !c.all => planner.update(&v, &cfg.plan, &c.services),
+                _ => planner.build(&v, &cfg.plan),
+            };
+            (plan, health_checks(&v, &cfg.plan.node))
         };
         let full_due = last_full.elapsed() >= cfg.full_every;
         if full_due {
@@ -289,6 +296,7 @@ mod tests {
         let (tx, rx) = watch::channel(0u64);
         let dp = RecordingDataplane::default();
         *dp.fail.lock().unwrap() = 1;
+        let changed = crate::sync::SharedChanges::default();
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(Duration::from_secs(30)));
         let dir = std::env::temp_dir().join(format!("weft-driver-test-{}", std::process::id()));
@@ -307,6 +315,7 @@ mod tests {
             poke: Arc::new(Notify::new()),
             health: health.clone(),
             metrics: metrics.clone(),
+            service_changes: Some(changed.clone()),
         };
         let task = tokio::spawn(run(dp.clone(), cfg, shared));
         {
@@ -316,6 +325,7 @@ mod tests {
                 "web",
                 vec![backend("198.18.128.5", "node-1", true, true, false)],
             );
+            changed.lock().unwrap().services.insert(s.key());
             v.services.insert(s.key(), s);
         }
         tx.send(1).unwrap();
@@ -341,8 +351,15 @@ mod tests {
             health.healthy(SystemTime::now())
         })
         .await;
-        // A Service deleted: the next apply programs the smaller plan.
-        view.write().unwrap().services.clear();
+        // A Service deleted (and noted, as the stream follower does): the
+        // next apply programs the smaller plan.
+        {
+            let mut v = view.write().unwrap();
+            for k in v.services.keys() {
+                changed.lock().unwrap().services.insert(k.clone());
+            }
+            v.services.clear();
+        }
         tx.send(2).unwrap();
         until("the empty plan programmed", || {
             calls

@@ -105,6 +105,12 @@ pub struct ServicePlan {
     pub denied_external_ips: Vec<(String, IpAddr)>,
     /// Backends never programmed (loopback, link-local, unspecified, multicast).
     pub rejected_backends: Vec<(String, IpAddr)>,
+    /// This plan's number from its [`PlanBuilder`] (0 from [`build`]).
+    pub generation: u64,
+    /// The Services (namespace, name) that may differ from the builder's
+    /// previous plan (generation - 1); None = any of them. A dataplane that
+    /// applied that previous plan needs to look at these only.
+    pub changed: Option<Vec<(String, String)>>,
 }
 
 /// Addresses a backend may never have: a Service must not become a way to
@@ -159,7 +165,7 @@ fn targets(bs: &[&Backend], port: &FrontendPort, node: &str) -> Vec<Target> {
 
 /// Build the plan for this node from the view.
 pub fn build(view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
-    PlanBuilder::default().build(view, cfg)
+    PlanBuilder::default().build_all(view, cfg)
 }
 
 /// One Service's planned form, and the view entry it was planned from.
@@ -177,25 +183,94 @@ struct Planned {
 #[derive(Default)]
 pub struct PlanBuilder {
     cache: HashMap<(String, String), Planned>,
+    /// The last plan built (its Services sorted by namespace/name), which
+    /// [`PlanBuilder::update`] edits in place.
+    last: Option<ServicePlan>,
+    generation: u64,
 }
 
 impl PlanBuilder {
+    /// The plan for `view`, comparing every Service with the one planned
+    /// before.
     pub fn build(&mut self, view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
+        let mut plan = self.build_all(view, cfg);
+        self.generation += 1;
+        plan.generation = self.generation;
+        self.last = Some(plan.clone());
+        plan
+    }
+
+    /// The plan for `view` when only the Services in `changed` (namespace,
+    /// name) can differ from the view of the previous call: costs what
+    /// changed (plus copying the list of shared Services), not a look at
+    /// every Service. Without a previous plan it is [`PlanBuilder::build`].
+    pub fn update(
+        &mut self,
+        view: &NodeView,
+        cfg: &PlanConfig,
+        changed: &std::collections::BTreeSet<(String, String)>,
+    ) -> ServicePlan {
+        let Some(mut plan) = self.last.take() else {
+            return self.build(view, cfg);
+        };
+        let mut side_lists_changed = false;
+        for key in changed {
+            let pos = plan.services.binary_search_by(|s| {
+                (s.namespace.as_str(), s.name.as_str()).cmp(&(key.0.as_str(), key.1.as_str()))
+            });
+            let had_side = self
+                .cache
+                .get(key)
+                .is_some_and(|p| !p.denied.is_empty() || !p.rejected.is_empty());
+            let service = match view.services.get(key) {
+                Some(svc) => {
+                    let current = matches!(self.cache.get(key), Some(p) if p.entry == *svc);
+                    if !current {
+                        self.cache.insert(key.clone(), planned(svc, cfg));
+                    }
+                    let p = &self.cache[key];
+                    side_lists_changed |=
+                        had_side || !p.denied.is_empty() || !p.rejected.is_empty();
+                    p.service.clone()
+                }
+                None => {
+                    self.cache.remove(key);
+                    side_lists_changed |= had_side;
+                    None
+                }
+            };
+            match (pos, service) {
+                (Ok(i), Some(s)) => plan.services[i] = s,
+                (Ok(i), None) => {
+                    plan.services.remove(i);
+                }
+                (Err(i), Some(s)) => plan.services.insert(i, s),
+                (Err(_), None) => {}
+            }
+        }
+        if side_lists_changed {
+            plan.denied_external_ips.clear();
+            plan.rejected_backends.clear();
+            for key in view.services.keys() {
+                if let Some(p) = self.cache.get(key) {
+                    plan.denied_external_ips.extend(p.denied.iter().cloned());
+                    plan.rejected_backends.extend(p.rejected.iter().cloned());
+                }
+            }
+        }
+        self.generation += 1;
+        plan.generation = self.generation;
+        plan.changed = Some(changed.iter().cloned().collect());
+        self.last = Some(plan.clone());
+        plan
+    }
+
+    fn build_all(&mut self, view: &NodeView, cfg: &PlanConfig) -> ServicePlan {
         let mut plan = ServicePlan::default();
         for (key, svc) in &view.services {
             let current = matches!(self.cache.get(key), Some(p) if p.entry == *svc);
             if !current {
-                let mut side = ServicePlan::default();
-                let service = plan_service(svc, cfg, &mut side).map(Arc::new);
-                self.cache.insert(
-                    key.clone(),
-                    Planned {
-                        entry: svc.clone(),
-                        service,
-                        denied: side.denied_external_ips,
-                        rejected: side.rejected_backends,
-                    },
-                );
+                self.cache.insert(key.clone(), planned(svc, cfg));
             }
             if let Some(p) = self.cache.get(key) {
                 plan.services.extend(p.service.clone());
@@ -207,6 +282,17 @@ impl PlanBuilder {
             self.cache.retain(|k, _| view.services.contains_key(k));
         }
         plan
+    }
+}
+
+fn planned(svc: &ServiceEntry, cfg: &PlanConfig) -> Planned {
+    let mut side = ServicePlan::default();
+    let service = plan_service(svc, cfg, &mut side).map(Arc::new);
+    Planned {
+        entry: svc.clone(),
+        service,
+        denied: side.denied_external_ips,
+        rejected: side.rejected_backends,
     }
 }
 
@@ -326,6 +412,49 @@ mod tests {
     use super::super::fixtures::{self, backend, node_port_service};
     use super::*;
 
+    /// The plan without the builder's bookkeeping, for comparing plans.
+    fn content(p: &ServicePlan) -> ServicePlan {
+        ServicePlan {
+            generation: 0,
+            changed: None,
+            ..p.clone()
+        }
+    }
+
+    proptest::proptest! {
+        /// Editing the last plan by the changed keys gives the plan built
+        /// from scratch, whatever the sequence of puts and removals.
+        #[test]
+        fn update_by_changed_keys_equals_a_full_build(
+            steps in proptest::collection::vec((0usize..8, 0u8..5), 1..30)
+        ) {
+            let cfg = fixtures::config();
+            let mut view = NodeView { rev: 1, synced: true, ..Default::default() };
+            let mut builder = PlanBuilder::default();
+            builder.build(&view, &cfg);
+            for (i, what) in steps {
+                let name = format!("s{i}");
+                let mut s = node_port_service(
+                    &name,
+                    vec![backend(&format!("198.18.128.{}", 10 + i), fixtures::NODE, true, true, false)],
+                );
+                s.cluster_ips = vec![format!("198.19.0.{}", 20 + i).parse().unwrap()];
+                s.ports[0].node_port = Some(30000 + i as u16);
+                match what {
+                    0 => { view.services.remove(&s.key()); }
+                    1 => { s.backends.clear(); view.services.insert(s.key(), s); }
+                    2 => { s.external_ips = vec!["198.19.254.1".parse().unwrap()]; view.services.insert(s.key(), s); }
+                    3 => { s.proxied = false; view.services.insert(s.key(), s); }
+                    _ => { view.services.insert(s.key(), s); }
+                }
+                let changed = [("default".to_string(), name)].into_iter().collect();
+                let got = builder.update(&view, &cfg, &changed);
+                proptest::prop_assert_eq!(content(&got), content(&build(&view, &cfg)));
+                proptest::prop_assert!(got.changed.is_some());
+            }
+        }
+    }
+
     #[test]
     fn the_builder_plans_only_what_changed() {
         let view = |second: &str| NodeView {
@@ -354,14 +483,14 @@ mod tests {
         let mut builder = PlanBuilder::default();
         let one = builder.build(&view("198.18.129.5"), &cfg);
         assert_eq!(
-            one,
+            content(&one),
             build(&view("198.18.129.5"), &cfg),
             "same plan as a fresh build"
         );
         assert_eq!(one.denied_external_ips.len(), 1);
         assert_eq!(one.rejected_backends.len(), 1);
         let two = builder.build(&view("198.18.129.9"), &cfg);
-        assert_eq!(two, build(&view("198.18.129.9"), &cfg));
+        assert_eq!(content(&two), build(&view("198.18.129.9"), &cfg));
         assert!(
             Arc::ptr_eq(&one.services[0], &two.services[0]),
             "unchanged: shared, not planned again"

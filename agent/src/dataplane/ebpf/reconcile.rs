@@ -180,6 +180,9 @@ pub struct Reconciler {
     dropped: Vec<(u32, u16)>,
     /// The next apply looks at every frontend (after adoption).
     full: bool,
+    /// Generation of the builder's plan applied last (None: a plan from
+    /// elsewhere, or none yet): the next one may list only its changes.
+    applied_generation: Option<u64>,
     /// Frontends adopted from the maps: their set is referenced, their
     /// affinity group is not (groups are claimed by Service ports anew).
     adopted_keys: std::collections::HashSet<ServiceKey>,
@@ -275,51 +278,46 @@ impl Reconciler {
             affected.extend(self.programmed.keys().copied());
         }
 
-        // Walk the plan and the cache together (both sorted by namespace/name).
-        let mut wanted: BTreeSet<SvcName> = BTreeSet::new();
-        for svc in &plan.services {
-            let name = (svc.namespace.clone(), svc.name.clone());
-            let unchanged = matches!(self.services.get(&name),
-                Some(c) if Arc::ptr_eq(&c.service, svc) || *c.service == **svc);
-            if !unchanged {
-                let enc = encode(svc);
-                stats.services_changed += 1;
-                stats.skipped_ipv6 += enc.skipped_ipv6;
-                if let Some(lb) = enc.unknown_lb {
-                    stats
-                        .unknown_lb
-                        .push((format!("{}/{}", svc.namespace, svc.name), lb));
+        // Only the Services the plan says changed, when it follows the plan
+        // applied last; otherwise every Service, compared with its cache.
+        let incremental = !self.full
+            && plan.generation > 0
+            && self.applied_generation == Some(plan.generation - 1);
+        match (&plan.changed, incremental) {
+            (Some(changed), true) => {
+                for name in changed {
+                    let pos = plan.services.binary_search_by(|s| {
+                        (s.namespace.as_str(), s.name.as_str())
+                            .cmp(&(name.0.as_str(), name.1.as_str()))
+                    });
+                    match pos {
+                        Ok(i) => self.consider(&plan.services[i], &mut stats, &mut affected),
+                        Err(_) => {
+                            if let Some(old) = self.services.remove(name) {
+                                self.disown(name, &old.frontends, &mut affected);
+                            }
+                        }
+                    }
                 }
-                if let Some(old) = self.services.remove(&name) {
-                    self.disown(&name, &old.frontends, &mut affected);
-                }
-                for f in &enc.frontends {
-                    affected.insert(f.key);
-                    self.owners
-                        .entry(f.key)
-                        .or_default()
-                        .insert(name.clone(), f.clone());
-                }
-                self.services.insert(
-                    name.clone(),
-                    Cached {
-                        service: svc.clone(),
-                        frontends: enc.frontends,
-                    },
-                );
             }
-            wanted.insert(name);
-        }
-        if self.services.len() > wanted.len() {
-            let gone: Vec<SvcName> = self
-                .services
-                .keys()
-                .filter(|k| !wanted.contains(*k))
-                .cloned()
-                .collect();
-            for name in gone {
-                if let Some(old) = self.services.remove(&name) {
-                    self.disown(&name, &old.frontends, &mut affected);
+            _ => {
+                let mut wanted: BTreeSet<SvcName> = BTreeSet::new();
+                for svc in &plan.services {
+                    self.consider(svc, &mut stats, &mut affected);
+                    wanted.insert((svc.namespace.clone(), svc.name.clone()));
+                }
+                if self.services.len() > wanted.len() {
+                    let gone: Vec<SvcName> = self
+                        .services
+                        .keys()
+                        .filter(|k| !wanted.contains(*k))
+                        .cloned()
+                        .collect();
+                    for name in gone {
+                        if let Some(old) = self.services.remove(&name) {
+                            self.disown(&name, &old.frontends, &mut affected);
+                        }
+                    }
                 }
             }
         }
@@ -377,6 +375,7 @@ impl Reconciler {
             self.collect_garbage(store, &mut writes)?;
             self.full = false;
         }
+        self.applied_generation = (plan.generation > 0).then_some(plan.generation);
         stats.writes = writes;
         // A backend dropped from one set and added to another in the same
         // apply is still live.
@@ -388,6 +387,46 @@ impl Reconciler {
         removed.dedup();
         stats.removed_backends = removed;
         Ok(stats)
+    }
+
+    /// Encode `svc` again if it differs from what was encoded for it.
+    fn consider(
+        &mut self,
+        svc: &Arc<PlannedService>,
+        stats: &mut Stats,
+        affected: &mut BTreeSet<ServiceKey>,
+    ) {
+        let name = (svc.namespace.clone(), svc.name.clone());
+        let unchanged = matches!(self.services.get(&name),
+            Some(c) if Arc::ptr_eq(&c.service, svc) || *c.service == **svc);
+        if unchanged {
+            return;
+        }
+        let enc = encode(svc);
+        stats.services_changed += 1;
+        stats.skipped_ipv6 += enc.skipped_ipv6;
+        if let Some(lb) = enc.unknown_lb {
+            stats
+                .unknown_lb
+                .push((format!("{}/{}", svc.namespace, svc.name), lb));
+        }
+        if let Some(old) = self.services.remove(&name) {
+            self.disown(&name, &old.frontends, affected);
+        }
+        for f in &enc.frontends {
+            affected.insert(f.key);
+            self.owners
+                .entry(f.key)
+                .or_default()
+                .insert(name.clone(), f.clone());
+        }
+        self.services.insert(
+            name,
+            Cached {
+                service: svc.clone(),
+                frontends: enc.frontends,
+            },
+        );
     }
 
     fn disown(
@@ -829,6 +868,20 @@ mod tests {
             };
             self.builder.build(&view, &config())
         }
+        /// The plan when only `names` changed (the builder's delta path).
+        fn update(&mut self, names: &[String]) -> ServicePlan {
+            let view = NodeView {
+                rev: 1,
+                synced: true,
+                services: self.services.iter().map(|s| (s.key(), s.clone())).collect(),
+                nodes: Default::default(),
+            };
+            let changed = names
+                .iter()
+                .map(|n| ("default".to_string(), n.clone()))
+                .collect();
+            self.builder.update(&view, &config(), &changed)
+        }
     }
 
     /// Every frontend of the plan decides, read off the maps, what the
@@ -1112,6 +1165,7 @@ mod tests {
             let mut maps = FakeMaps::default();
             let mut r = Reconciler::adopt(&Image::default());
             for (i, what) in changes {
+                let mut touched: Vec<String> = views.services.get(i).map(|s| s.name.clone()).into_iter().collect();
                 if let Some(s) = views.services.get_mut(i) {
                     match what {
                         0 => { s.backends.pop(); }
@@ -1124,9 +1178,13 @@ mod tests {
                         _ => r = Reconciler::adopt(&maps.image),
                     }
                 } else {
-                    views.services.push(svc(10 + i as u16, 2));
+                    let s = svc(10 + i as u16, 2);
+                    touched.push(s.name.clone());
+                    views.services.push(s);
                 }
-                let plan = views.plan();
+                // Half the time the builder's delta path (only the touched
+                // Service listed), else a full comparison.
+                let plan = if what % 2 == 0 { views.update(&touched) } else { views.plan() };
                 r.apply(&plan, &mut maps).unwrap();
                 consistent(&plan, &maps);
             }

@@ -18,7 +18,8 @@ use aya_ebpf::{
 };
 use weft_ebpf_abi::{
     CtKey, CtValue, NodeConfig, ServiceKey, AFFINITY_CLIENT_IP, BACKEND_F_LOCAL, CT_FORWARD,
-    CT_F_SNAT, CT_MAX_ENTRIES, CT_REPLY, SCOPE_EXTERNAL, SVC_F_DROP, SVC_F_REJECT, SVC_F_SNAT,
+    CT_F_SNAT, CT_MAX_ENTRIES, CT_REPLY, SCOPE_EXTERNAL, SVC_F_DROP, SVC_F_MAGLEV, SVC_F_REJECT,
+    SVC_F_SNAT,
 };
 
 #[map(name = "WEFT_CT")]
@@ -167,7 +168,14 @@ fn try_ingress(ctx: &TcContext) -> Result<Action, i64> {
         return Ok(Action::Drop);
     }
     let client = AFFINITY_CLIENT_IP | u64::from(p.saddr);
-    let hash = mix((u64::from(p.saddr) << 32) | (u64::from(p.sport) << 16) | u64::from(proto));
+    // Maglev hashes the flow, so every node picks the same backend for it;
+    // otherwise random (the connection map keeps the flow's choice).
+    let hash = if service.flags & SVC_F_MAGLEV != 0 {
+        mix((u64::from(p.saddr) << 32) | (u64::from(p.sport) << 16) | u64::from(proto))
+    } else {
+        // SAFETY: a helper without arguments or preconditions.
+        unsafe { bpf_get_prandom_u32() }
+    };
     let backend = select(&service, client, hash).map_err(i64::from)?;
     let local = backend.flags & BACKEND_F_LOCAL != 0;
     let (out_ifindex, snat_addr) = if local {

@@ -740,3 +740,85 @@ fn follow_udp(sock: &UdpSocket, to: SocketAddr, name: &str) -> Result<f64> {
     }
     bail!("{to}: {name} never answered the fixed-port client (last answer {last:?})")
 }
+
+/// `weft.dev/lb: maglev` (eBPF): every node holds the same Maglev table for
+/// a backend set and hashes an outside flow the same way, so one flow (a
+/// client address and port) reaches the same backend through any node — as
+/// behind ECMP, where a flow may land on another node. A random Service
+/// (the control) disagrees between nodes for some of the same flows.
+#[test]
+fn services_maglev_same_backend_through_every_node_ebpf() -> Result<()> {
+    if !runnable(Dataplane::Ebpf) {
+        return Ok(());
+    }
+    let mut c = Cluster::up_with(2, Dataplane::Ebpf)?;
+    for (i, node) in [0, 1, 1].into_iter().enumerate() {
+        c.add_pod(node, NS, &format!("mg-{i}"), &[("app", "mg")])?;
+    }
+    let ext = c.external_ns();
+    let node_ip = [c.nodes[0].ip, c.nodes[1].ip];
+    let mut ports = Vec::new();
+    for (name, lb) in [("maglev", Some("maglev")), ("random", None)] {
+        let mut meta = json!({"name": name, "namespace": NS});
+        if let Some(lb) = lb {
+            meta["annotations"] = json!({"weft.dev/lb": lb});
+        }
+        let svc = c.post(
+            &format!("/api/v1/namespaces/{NS}/services"),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                   "spec": {"type": "NodePort", "selector": {"app": "mg"},
+                            "ports": [{"name": "udp", "port": 53, "protocol": "UDP", "targetPort": "udp"}]}}),
+        )?;
+        ports.push(node_port(&svc, 0)?);
+    }
+    // One socket per flow; each asks both nodes from the same source port.
+    let flows = 24;
+    let socks: Vec<UdpSocket> = (0..flows)
+        .map(|i| {
+            let s = in_netns(&ext, || UdpSocket::bind(("0.0.0.0", 41000 + i)))??;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
+        })
+        .collect::<Result<_>>()?;
+    let ask = |s: &UdpSocket, to: SocketAddr| -> Result<String> {
+        eventually(&format!("{to} answers"), WAIT, || {
+            s.send_to(b"f", to)?;
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    };
+    let mut disagree = [0usize; 2];
+    let mut used = std::collections::BTreeSet::new();
+    for (k, port) in ports.iter().enumerate() {
+        for s in &socks {
+            let a = ask(s, SocketAddr::from((node_ip[0], *port)))?;
+            let b = ask(s, SocketAddr::from((node_ip[1], *port)))?;
+            if k == 0 {
+                used.insert(a.clone());
+            }
+            if a != b {
+                disagree[k] += 1;
+            }
+        }
+    }
+    ensure!(
+        disagree[0] == 0,
+        "Maglev: {} of {flows} flows reached different backends through the two nodes",
+        disagree[0]
+    );
+    ensure!(
+        used.len() >= 2,
+        "Maglev spread {flows} flows over {used:?} only"
+    );
+    ensure!(
+        disagree[1] > 0,
+        "random selection agreed on all {flows} flows through both nodes (expected some to differ)"
+    );
+    println!(
+        "Maglev: {flows} flows, same backend through both nodes, over {} backends; random: {} of {flows} differ",
+        used.len(),
+        disagree[1]
+    );
+    Ok(())
+}

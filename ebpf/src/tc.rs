@@ -156,13 +156,9 @@ fn try_ingress(ctx: &TcContext) -> Result<Action, i64> {
     };
     let node = NODE.get(0).copied().ok_or(-2i64)?;
     if service.flags & SVC_F_REJECT != 0 {
-        // To the node's own address, the kernel answers for a port nobody
-        // listens on (reset / port unreachable); elsewhere, nothing would.
-        return Ok(if p.daddr == node.node_addr_be {
-            Action::Pass
-        } else {
-            Action::Drop
-        });
+        // Up the stack: the agent's filter rules (and, for the node's own
+        // address, the kernel itself) answer with a reset or port unreachable.
+        return Ok(Action::Pass);
     }
     if service.flags & SVC_F_DROP != 0 || service.count == 0 {
         return Ok(Action::Drop);

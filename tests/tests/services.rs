@@ -325,16 +325,36 @@ fn cluster_ips_node_ports_affinity_and_type_changes(dp: Dataplane) -> Result<()>
     reaches(&c1.netns, cluster_ip(&again)?, 80, &web_names)?;
     println!("Service deleted and recreated: ok");
 
-    // No endpoints: refused at once (REJECT), from a pod and the node.
+    // No endpoints: refused at once (REJECT), from a pod, the node and outside.
     let empty = service(
         &c,
         "empty",
-        json!({"type": "NodePort", "selector": {"app": "nothing"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+        json!({"type": "LoadBalancer", "selector": {"app": "nothing"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
     )?;
     let empty_ip = cluster_ip(&empty)?;
     connects(&c1.netns, empty_ip, 80, Connect::Refused)?;
     connects(&node0, empty_ip, 80, Connect::Refused)?;
     connects(&ext, node_ip[1], node_port(&empty, 0)?, Connect::Refused)?;
+    // ... and at a load-balancer IP, which is not the node's own address.
+    let empty_lb: Ipv4Addr = "198.19.255.101".parse()?;
+    c.update(
+        &format!("/api/v1/namespaces/{NS}/services/empty/status"),
+        |s| {
+            s["status"] = json!({"loadBalancer": {"ingress": [{"ip": empty_lb.to_string()}]}});
+        },
+    )?;
+    c.sh(
+        &ext,
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{empty_lb}/32"),
+            "via",
+            &node_ip[0].to_string(),
+        ],
+    )?;
+    connects(&ext, empty_lb, 80, Connect::Refused)?;
     println!("no endpoints -> REJECT: ok");
 
     // Agent health and metrics.

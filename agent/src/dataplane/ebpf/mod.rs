@@ -136,6 +136,37 @@ impl EbpfDataplane {
     }
 }
 
+/// The plan cut down to the frontends whose port has no usable endpoint
+/// anywhere (the tracer's REJECT): what the iptables filter rules refuse.
+fn rejecting(plan: &ServicePlan) -> ServicePlan {
+    let services = plan
+        .services
+        .iter()
+        .filter_map(|s| {
+            let frontends: Vec<_> = s
+                .frontends
+                .iter()
+                .filter(|f| {
+                    s.backends
+                        .get(f.port_index)
+                        .is_some_and(|b| b.cluster.is_empty())
+                })
+                .cloned()
+                .collect();
+            (!frontends.is_empty()).then(|| {
+                std::sync::Arc::new(super::plan::PlannedService {
+                    frontends,
+                    ..(**s).clone()
+                })
+            })
+        })
+        .collect();
+    ServicePlan {
+        services,
+        ..Default::default()
+    }
+}
+
 /// Network namespaces of the pods in the IPAM claims.
 fn pod_netns(ipam_dir: &std::path::Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(ipam_dir) else {
@@ -143,7 +174,12 @@ fn pod_netns(ipam_dir: &std::path::Path) -> Vec<PathBuf> {
     };
     let mut out: Vec<PathBuf> = entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<std::net::Ipv4Addr>().is_ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok()
+        })
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .filter_map(|t| weft_model::node_state::Claim::decode(&t))
         .filter_map(|c| c.netns.map(PathBuf::from))
@@ -201,9 +237,13 @@ impl ServiceDataplane for EbpfDataplane {
         for (svc, lb) in &stats.unknown_lb {
             tracing::warn!(service = %svc, value = %lb, option = encode::LB_OPTION, "unknown load-balancing algorithm; using random");
         }
+        // iptables keeps the hostPorts, and refuses packets for frontends
+        // without endpoints that reach the stack: the TC program passes them
+        // on, and only a filter REJECT answers a reset or port unreachable
+        // for an address that is not the node's own (a load-balancer IP).
         let hp = self
             .hostports
-            .program(&ServicePlan::default(), hostports)
+            .program(&rejecting(plan), hostports)
             .map_err(EbpfError::HostPorts)?;
         Ok(ApplyStats {
             chains: stats.writes + hp.chains,

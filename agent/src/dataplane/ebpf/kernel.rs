@@ -25,7 +25,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use weft_ebpf_abi::{
     AffinityMatchKey, Backend, BackendKey, CtKey, CtValue, MaglevTable, NodeConfig, ServiceKey,
-    ServiceValue, ABI_VERSION, CT_FORWARD, CT_MAP, AFFINITY_MATCH_MAP, BACKENDS_MAP, MAGLEV_MAP, NODE_MAP, SERVICES_MAP,
+    ServiceValue, ABI_VERSION, AFFINITY_MATCH_MAP, BACKENDS_MAP, CT_FORWARD, CT_MAP, MAGLEV_MAP,
+    NODE_MAP, SERVICES_MAP,
 };
 
 /// The north-south program, attached at TC ingress of the node's uplink,

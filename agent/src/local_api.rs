@@ -50,7 +50,7 @@ pub enum LocalApiError {
 /// A question from netctl, answered with one JSON line.
 #[derive(Debug)]
 pub struct Query {
-    /// What is asked (`overlay`, `services`, `trace`).
+    /// What is asked (`overlay`, `services`, `trace`, `ebpf`).
     pub what: String,
     /// The whole request (its other fields are the question's arguments).
     pub request: serde_json::Value,

@@ -451,6 +451,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("binding --health-listen {}", args.health_listen))?;
         tokio::spawn(weft_agent::health::serve(listener, health.clone(), metrics.clone()));
         let mode = iptables_mode(&args);
+        // Where `netctl ebpf` reads the eBPF dataplane's maps (None: another dataplane).
+        let mut ebpf_report: Option<weft_agent::dataplane::ebpf::EbpfConfig> = None;
         if args.dataplane != DataplaneKind::None {
             let mut dp = weft_agent::dataplane::netfilter::IptablesDataplane::new(mode, args.cluster_cidr.to_string());
             dp.localhost_node_ports = args.localhost_node_ports;
@@ -483,6 +485,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     ipam_dir: Some(args.ipam_dir.clone()),
                 };
                 tracing::info!(cgroup = %ebpf.cgroup.display(), bpffs = %ebpf.bpffs.display(), "eBPF dataplane (hostPorts with iptables)");
+                ebpf_report = Some(ebpf.clone());
                 // hostPorts stay iptables chains: the iptables dataplane
                 // programmed with no Services.
                 let ebpf = weft_agent::dataplane::ebpf::EbpfDataplane::new(ebpf, dp);
@@ -514,6 +517,28 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ = resync.tick() => force = true,
                 Some(q) = queries.recv() => {
+                    if q.what == "ebpf" {
+                        let Some(cfg) = ebpf_report.clone() else {
+                            let name = clap::ValueEnum::to_possible_value(&args.dataplane).map(|v| v.get_name().to_string()).unwrap_or_default();
+                            let _ = q.reply.send(serde_json::json!({"error": format!("this node runs the {name} dataplane")}));
+                            continue;
+                        };
+                        let (view, plan_cfg) = (view.clone(), plan_cfg.clone());
+                        // Reading the maps takes a while with many Services: off this loop.
+                        tokio::spawn(async move {
+                            let answer = tokio::task::spawn_blocking(move || {
+                                let plan = {
+                                    let v = view.read().unwrap_or_else(|p| p.into_inner());
+                                    weft_agent::dataplane::plan::build(&v, &plan_cfg)
+                                };
+                                weft_agent::dataplane::ebpf::report::answer(&cfg, &plan)
+                            })
+                            .await
+                            .unwrap_or_else(|e| serde_json::json!({"error": format!("the eBPF report failed: {e}")}));
+                            let _ = q.reply.send(answer);
+                        });
+                        continue;
+                    }
                     let answer = match (q.what.as_str(), node.as_ref()) {
                         ("overlay", Some(n)) => n.describe(&view).await,
                         ("overlay", None) => serde_json::json!({"error": "this agent runs with --no-overlay"}),

@@ -1,5 +1,5 @@
 //! Talking to the weft-agent on this node over its local socket: the
-//! commands that show what one node does (`overlay`, `services`, `trace`).
+//! commands that show what one node does (`overlay`, `services`, `trace`, `ebpf`).
 
 use anyhow::{Context as _, Result};
 use std::io::Write;

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod apply;
 pub mod client;
 pub mod delete;
+pub mod ebpf;
 pub mod get;
 pub mod overlay;
 pub mod services;
@@ -80,6 +81,8 @@ pub enum Command {
     Services(services::ServicesArgs),
     /// Explain what this node does with a packet FROM -> TO (asks the local weft-agent).
     Trace(services::TraceArgs),
+    /// Show this node's eBPF maps: frontends, backends, affinity and connection entries (asks the local weft-agent).
+    Ebpf(ebpf::EbpfArgs),
 }
 
 /// What every command needs: the client and the namespace flags.
@@ -128,6 +131,7 @@ pub fn run_cli(cli: Cli) -> Result<ExitCode> {
             Command::Overlay(args) => overlay::run(&args, &mut out).await,
             Command::Services(args) => services::services(&args, &mut out).await,
             Command::Trace(args) => services::trace(&args, &mut out).await,
+            Command::Ebpf(args) => ebpf::run(&args, &mut out).await,
         }
     });
     let _ = out.flush();

@@ -15,6 +15,7 @@ pub mod encode;
 pub mod kernel;
 pub mod object;
 pub mod reconcile;
+pub mod report;
 
 use super::hostports::HostPort;
 use super::netfilter::{self, IptablesDataplane};

@@ -486,12 +486,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                 };
                 tracing::info!(cgroup = %ebpf.cgroup.display(), bpffs = %ebpf.bpffs.display(), "eBPF dataplane (hostPorts with iptables)");
                 ebpf_report = Some(ebpf.clone());
-                // hostPorts stay iptables chains: the iptables dataplane
-                // programmed with no Services.
+                // hostPorts stay iptables chains: the iptables dataplane,
+                // programmed with only the refusals of frontends without
+                // endpoints (see EbpfDataplane::program).
                 let ebpf = weft_agent::dataplane::ebpf::EbpfDataplane::new(ebpf, dp);
                 tokio::spawn(weft_agent::dataplane::driver::run(ebpf, cfg, shared));
             } else {
                 tokio::spawn(weft_agent::dataplane::driver::run(dp, cfg, shared));
+            }
+        }
+        if args.dataplane != DataplaneKind::Ebpf {
+            // Switched away from eBPF: its programs would keep translating
+            // from stale maps. Removing the pins detaches them.
+            match weft_agent::dataplane::ebpf::kernel::remove_pins(&args.bpffs_path) {
+                Ok(true) => tracing::info!(bpffs = %args.bpffs_path.display(), "removed the eBPF dataplane's programs and maps left by an earlier run"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(bpffs = %args.bpffs_path.display(), error = %e, "could not remove the eBPF dataplane's pins"),
             }
         }
         let mut node = if args.no_overlay { None } else { Some(NodeLoop::new(&args, mode).await?) };

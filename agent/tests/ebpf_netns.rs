@@ -308,4 +308,18 @@ fn socket_programs_translate_and_survive_a_restart() {
     });
     assert!(answer.starts_with("198.18.128."), "{answer}");
     drop(kernel);
+
+    // An agent switched to another dataplane removes the pins: the
+    // programs are detached and the Service address is left alone.
+    assert!(weft_agent::dataplane::ebpf::kernel::remove_pins(&bpffs.0).unwrap());
+    assert!(!weft_agent::dataplane::ebpf::kernel::remove_pins(&bpffs.0).unwrap());
+    let node = cg.node.clone();
+    let after = ns.run(move || {
+        Cgroups::join_node(&node);
+        TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(1)).map(|_| ())
+    });
+    assert!(
+        after.is_err(),
+        "still translated after the pins were removed"
+    );
 }

@@ -451,6 +451,28 @@ fn is_bpffs(path: &Path) -> std::io::Result<bool> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// Remove what an eBPF dataplane pinned under `bpffs` (links first, which
+/// detaches the programs, then the maps): for an agent that now runs
+/// another dataplane. Returns whether there was anything.
+pub fn remove_pins(bpffs: &Path) -> std::io::Result<bool> {
+    let links = bpffs.join("links");
+    let mut found = false;
+    if links.exists() {
+        std::fs::remove_dir_all(&links)?;
+        found = true;
+    }
+    let Ok(entries) = std::fs::read_dir(bpffs) else {
+        return Ok(found);
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("maps-v") {
+            std::fs::remove_dir_all(e.path())?;
+            found = true;
+        }
+    }
+    Ok(found)
+}
+
 /// Maps of an earlier ABI version: their programs have just been replaced.
 fn remove_old_abi_dirs(bpffs: &Path) {
     let current = format!("maps-v{ABI_VERSION}");

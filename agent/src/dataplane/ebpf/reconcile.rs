@@ -1149,7 +1149,135 @@ mod tests {
         assert!(maps.image.affinity_match.is_empty());
     }
 
+    /// Maps that stop taking writes after `budget` more: an agent killed
+    /// in the middle of an update.
+    struct Crashing {
+        maps: FakeMaps,
+        budget: usize,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("killed")]
+    struct Killed;
+
+    impl MapStore for Crashing {
+        type Error = Killed;
+        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.put_service(k, v).map_err(|_| Killed)
+        }
+        fn delete_service(&mut self, k: ServiceKey) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.delete_service(k).map_err(|_| Killed)
+        }
+        fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.put_backend(k, v).map_err(|_| Killed)
+        }
+        fn delete_backend(&mut self, k: BackendKey) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.delete_backend(k).map_err(|_| Killed)
+        }
+        fn put_maglev(&mut self, id: u32, t: &MaglevTable) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.put_maglev(id, t).map_err(|_| Killed)
+        }
+        fn delete_maglev(&mut self, id: u32) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.delete_maglev(id).map_err(|_| Killed)
+        }
+        fn put_affinity_match(&mut self, k: AffinityMatchKey) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.put_affinity_match(k).map_err(|_| Killed)
+        }
+        fn delete_affinity_match(&mut self, k: AffinityMatchKey) -> Result<(), Killed> {
+            self.spend()?;
+            self.maps.delete_affinity_match(k).map_err(|_| Killed)
+        }
+        fn image(&self) -> Result<Image, Killed> {
+            Ok(self.maps.image.clone())
+        }
+    }
+
+    impl Crashing {
+        fn spend(&mut self) -> Result<(), Killed> {
+            if self.budget == 0 {
+                return Err(Killed);
+            }
+            self.budget -= 1;
+            Ok(())
+        }
+    }
+
+    /// What the programs may read at any instant: every frontend that
+    /// translates points at a whole backend set (and Maglev table).
+    fn no_dangling(image: &Image) {
+        for (k, v) in &image.services {
+            if v.count == 0 {
+                continue;
+            }
+            for index in 0..v.count {
+                assert!(
+                    image.backends.contains_key(&BackendKey {
+                        set_id: v.set_id,
+                        index
+                    }),
+                    "{k:?} -> set {} lacks backend {index}",
+                    v.set_id
+                );
+            }
+            if v.flags & weft_ebpf_abi::SVC_F_MAGLEV != 0 {
+                let table = image
+                    .maglev
+                    .get(&v.set_id)
+                    .expect("Maglev table written first");
+                assert!(
+                    table.iter().all(|i| *i < v.count),
+                    "table points past the set"
+                );
+            }
+        }
+    }
+
     use proptest::prelude::*;
+
+    proptest! {
+        /// An agent killed after any number of map writes leaves maps the
+        /// programs can still use (no frontend points at a missing backend),
+        /// and the next agent adopts them and converges.
+        #[test]
+        fn killed_mid_update_the_next_agent_converges(
+            changes in prop::collection::vec((0usize..6, 0u8..6, 0usize..40), 1..12)
+        ) {
+            let mut views = Views::new((0..6).map(|i| svc(i, 3)).collect());
+            let mut maps = FakeMaps::default();
+            Reconciler::adopt(&Image::default()).apply(&views.plan(), &mut maps).unwrap();
+            for (i, what, budget) in changes {
+                if let Some(s) = views.services.get_mut(i) {
+                    match what {
+                        0 => { s.backends.pop(); }
+                        1 => s.backends.push(be(&format!("198.18.129.{}", 60 + s.backends.len()), "node-2", true, true, false)),
+                        2 => s.affinity_timeout = if s.affinity_timeout.is_some() { None } else { Some(30) },
+                        3 => { s.options.insert(super::super::encode::LB_OPTION.into(), "maglev".into()); }
+                        4 => { views.services.remove(i); }
+                        _ => s.external_local = !s.external_local,
+                    }
+                }
+                let plan = views.plan();
+                // The agent that dies part-way through this plan...
+                let mut crashing = Crashing { maps: std::mem::take(&mut maps), budget };
+                let mut r = Reconciler::adopt(&crashing.maps.image);
+                let _ = r.apply(&plan, &mut crashing);
+                no_dangling(&crashing.maps.image);
+                // ... and the one started after it.
+                maps = crashing.maps;
+                let mut next = Reconciler::adopt(&maps.image);
+                next.apply(&plan, &mut maps).unwrap();
+                consistent(&plan, &maps);
+                no_dangling(&maps.image);
+            }
+        }
+    }
 
     fn arb_change() -> impl Strategy<Value = (usize, u8)> {
         (0usize..6, 0u8..8)

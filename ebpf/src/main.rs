@@ -170,7 +170,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> Result<i32, i32> {
     };
     // Without this entry getpeername() shows the backend: not worth failing
     // the connect for.
-    let _ = SOCK_REV.insert(&rev, &frontend, 0);
+    let _ = SOCK_REV.insert(rev, frontend, 0);
     Ok(ALLOW)
 }
 
@@ -254,7 +254,7 @@ fn affine(client: u64, service: &ServiceValue) -> Option<Backend> {
         last_used_ns: now,
         ..entry
     };
-    let _ = AFFINITY.insert(&key, &fresh, 0);
+    let _ = AFFINITY.insert(key, fresh, 0);
     Some(Backend {
         addr_be: entry.addr_be,
         port_be: entry.port_be,
@@ -281,7 +281,7 @@ fn remember(client: u64, service: &ServiceValue, backend: &Backend) {
         // SAFETY: a helper without arguments or preconditions.
         last_used_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let _ = AFFINITY.insert(&key, &value, 0);
+    let _ = AFFINITY.insert(key, value, 0);
 }
 
 /// getpeername()/recvmsg() on a translated socket: show the frontend.

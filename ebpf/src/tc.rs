@@ -140,7 +140,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Action, i64> {
     if !syn {
         // SAFETY: copied out at once.
         if let Some(ct) = unsafe { CT.get(forward) }.copied() {
-            return Ok(apply_forward(ctx, &p, &ct)?);
+            return apply_forward(ctx, &p, &ct);
         }
     }
 
@@ -215,8 +215,8 @@ fn try_ingress(ctx: &TcContext) -> Result<Action, i64> {
         flags: fwd.flags,
         ifindex: in_ifindex,
     };
-    CT.insert(&rev_key, &rev, 0)?;
-    CT.insert(&forward, &fwd, 0)?;
+    CT.insert(rev_key, rev, 0)?;
+    CT.insert(forward, fwd, 0)?;
     apply_forward(ctx, &p, &fwd)
 }
 

@@ -501,18 +501,22 @@ fn replace_in_link(pin: &Path, prog_fd: i32) -> Result<(), KernelError> {
     let path = CString::new(pin.as_os_str().as_bytes())
         .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    // The kernel rejects (EINVAL) an attr whose bytes past the command's
+    // fields are not zero: the tail padding is an explicit, zeroed field.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        _pad: u32,
     }
     let attr = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        _pad: 0,
     };
     // SAFETY: bpf(2) reads `size` bytes of a valid attr; returns a new fd.
     let fd = unsafe {

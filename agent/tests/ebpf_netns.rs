@@ -290,8 +290,11 @@ fn socket_programs_translate_and_survive_a_restart() {
 
     // A new agent: the programs are replaced in their pinned links, the maps
     // adopted; nothing is rewritten and connections keep working.
-    drop(kernel);
+    // The first agent still holds its programs and maps (a new agent may
+    // start before the old one is gone).
+    let first = kernel;
     let mut kernel = Kernel::open(&bpffs.0, &cg.node).expect("second agent");
+    drop(first);
     assert_eq!(kernel.attach.replaced, SOCKET_PROGRAMS.to_vec());
     let mut again = Reconciler::adopt(&kernel.image().unwrap());
     let stats = again.apply(&plan, &mut kernel).unwrap();

@@ -35,7 +35,7 @@ const BENCHES: &[Bench] = &[
     },
     Bench {
         name: "services",
-        about: "iptables service programming at 1k/5k/10k Services, weft vs a kube-proxy-shaped restore, nft and legacy; connect latency via a cluster IP (weft-services-bench, root)",
+        about: "service programming at 1k/5k/10k Services: iptables (weft vs a kube-proxy-shaped restore, nft and legacy) and eBPF (full sync, one change, map writes); connect and sockperf request/response latency via a cluster IP vs the pod IP (weft-services-bench, root)",
         // the dataplane is the weft-agent library, built as weft-e2e's dependency
         packages: &["weft-e2e"],
         binary: "weft-services-bench",

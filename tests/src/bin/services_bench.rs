@@ -1,9 +1,11 @@
-//! weft-services-bench: how fast weft's iptables service dataplane programs
-//! N ClusterIP Services x E endpoints, against a kube-proxy-shaped ruleset of
-//! the same size applied the way kube-proxy applies it (the peer), in both
-//! iptables implementations (nft and legacy); then the new-connection
-//! latency through a cluster IP at N Services against the same connection
-//! to the pod IP.
+//! weft-services-bench: how fast weft's service dataplanes program N
+//! ClusterIP Services x E endpoints, and what a connection through a cluster
+//! IP costs, in one run.
+//!
+//! iptables: against a kube-proxy-shaped ruleset of the same size applied
+//! the way kube-proxy applies it (the peer), in both iptables
+//! implementations (nft and legacy); then the new-connection latency through
+//! a cluster IP at N Services against the same connection to the pod IP.
 //!
 //! Per mode and size N, each side in its own fresh namespace (`wsb<pid>-*`,
 //! removed on exit, also on failure):
@@ -28,22 +30,62 @@
 //!   Both sides run `iptables-restore --noflush -w 5` the same way (spawn,
 //!   input on stdin, wait).
 //!
-//! Latency: namespaces client <-> node <-> server (veths; client
-//! 198.18.128.10/24, server 198.18.129.10/24, the node routes between them
-//! and holds the rules, in the host's iptables mode as kube-proxy picks it).
-//! The probe Service (port 80 -> server:8080) is part of every view, sorts
-//! last by name and has the address after the last generated Service's in
-//! the same /24 (198.19.40.251 at N = 10,000), so its frontend rule is the
-//! last one a new connection can meet, in one list or in per-/24 buckets.
-//! The weft run at the latency size happens in the node
-//! namespace. Sequential blocking `connect()`s from the client, alternating
-//! cluster IP and pod IP, timed from the call to its return (SYN out,
-//! SYN-ACK back); the client then waits for the server's close (untimed)
-//! and resets. Measured with no rules (before the weft run), with N
-//! Services (right after its full sync), and with the probe Service alone
-//! (after the run, the tables emptied), each after a 3 s pause.
+//! eBPF (`--dataplanes`): per size N, the agent's own pieces as its
+//! dataplane uses them: `Kernel::open` (load, verify, attach the socket
+//! programs through pinned links) on a fresh private bpffs (empty maps) and
+//! a threaded cgroup of this process (`<cgroup2>/wsb<pid>-cg/node`; only
+//! threads that join it get the programs), `Reconciler::adopt`, then the
+//! full sync (`PlanBuilder::build` + `Reconciler::apply`) and its entries
+//! checked in the maps. Single changes are timed as the agent's driver pays
+//! a stream delta: `PlanBuilder::update` by the changed (namespace, name)
+//! key, `Reconciler::apply` (which then looks at that Service only), and the
+//! stale-backend cleanup `EbpfDataplane::program` runs after it (the
+//! north-south connection map purged, connected UDP sockets to a removed
+//! backend destroyed in the node namespace). The same endpoint changes,
+//! additions and removals as the iptables side; map writes counted per
+//! change; the cost of one map write measured alone (rewriting existing
+//! entries) gives the floor of writes x one write. Then a restart (programs
+//! replaced in their pinned links, maps read back and adopted, full plan
+//! applied: nothing should be written).
 //!
-//! Run by `cargo xtask bench services`; needs root and iptables (nft and legacy).
+//! Latency: namespaces client <-> node <-> server (veths; client
+//! 198.18.128.10/24, server 198.18.129.10/24, the node routes between them).
+//! The probe Service (port 80 -> server:8080 for connects, 81 -> 8081 TCP
+//! and UDP for sockperf) is part of every view, sorts last by name and has
+//! the address after the last generated Service's in the same /24
+//! (198.19.40.251 at N = 10,000), so its frontend rules are the last ones a
+//! new connection can meet, in one list or in per-/24 buckets.
+//! - iptables: the node holds weft's rules, in the host's iptables mode as
+//!   kube-proxy picks it; the weft run at the latency size happens in the
+//!   node namespace. Measured with no rules (before the weft run), with N
+//!   Services (right after its full sync), and with the probe Service alone
+//!   (after the run, the tables emptied).
+//! - eBPF: its own fresh topology (no iptables rules ever loaded in it); the
+//!   client threads (and the sockperf client processes) that connect to the
+//!   cluster IP are in the programs' cgroup. Right after the full sync at
+//!   the latency size, the maps alternate between the N Services and the
+//!   probe Service alone (reconciled down and back up), `--rr-rounds`
+//!   times, each state measured for its share of the connects and one
+//!   sockperf round per turn, so that both states meet the same machine;
+//!   the pod IP both from the cgroup and from outside it (no programs: the
+//!   path's own cost).
+//!
+//! New connections: sequential blocking `connect()`s from the client,
+//! targets alternating, timed from the call to its return (SYN out, SYN-ACK
+//! back); the client then waits for the server's close (untimed) and
+//! resets. Request/response: `sockperf ping-pong` (TCP and UDP, 64-byte
+//! messages, one in flight) against `sockperf server` started in the server
+//! namespace for the phase, in rounds alternating the targets; every round
+//! trip of the runs' valid periods (sockperf's full log) is kept. Two
+//! modes: busy-polling (client and server poll non-blocking sockets, so the
+//! round trip is the path's own) and blocking (each message wakes a
+//! sleeping thread; on a VM with idle vCPUs that wake-up dominates). Rates
+//! are compared at the median round trip. Each phase starts after a 3 s
+//! pause.
+//!
+//! Run by `cargo xtask bench services`; needs root and iptables (nft and
+//! legacy), for eBPF cgroup v2 and a kernel that loads the programs, for
+//! request/response sockperf (skipped, and reported so, without it).
 
 use anyhow::{ensure, Context};
 use clap::Parser;
@@ -52,11 +94,14 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weft_agent::dataplane::ebpf::encode::{addr_of, encode};
+use weft_agent::dataplane::ebpf::kernel::Kernel;
+use weft_agent::dataplane::ebpf::reconcile::{MapStore, Reconciler};
 use weft_agent::dataplane::iptables::{restore_input, Ruleset};
 use weft_agent::dataplane::netfilter::{
     count_rules, split_rule, Iptables, IptablesDataplane, Mode,
@@ -64,18 +109,68 @@ use weft_agent::dataplane::netfilter::{
 use weft_agent::dataplane::plan::{build, PlanBuilder, PlanConfig, ServicePlan};
 use weft_agent::dataplane::ServiceDataplane;
 use weft_e2e::bench::{endpoint_ip, ms};
-use weft_e2e::benchnet::{self, ip, summarize, Namespaces, Summary};
+use weft_e2e::benchnet::{
+    self, ip, summarize, BpffsDir, Namespaces, SockperfServer, Summary, ThreadedCgroup,
+};
 use weft_model::view::{FrontendPort, Protocol};
 use weft_model::{Backend, BackendPort, NodeView, ServiceEntry};
 
+/// A service dataplane the bench measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Dataplane {
+    Iptables,
+    Ebpf,
+}
+
+/// A sockperf protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum RrProto {
+    Tcp,
+    Udp,
+}
+
+impl RrProto {
+    fn as_str(self) -> &'static str {
+        match self {
+            RrProto::Tcp => "TCP",
+            RrProto::Udp => "UDP",
+        }
+    }
+}
+
+/// How sockperf's client and server wait for a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum RrMode {
+    /// Non-blocking sockets polled in a loop: no sleep and wake-up per
+    /// message, so the round trip is the network path's (each side spins on
+    /// a CPU while it runs).
+    BusyPoll,
+    /// Blocking receive: each message wakes a sleeping thread, as most
+    /// applications do (on a VM, an idle vCPU's wake-up goes through the
+    /// hypervisor).
+    Blocking,
+}
+
+impl RrMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            RrMode::BusyPoll => "busy-polling",
+            RrMode::Blocking => "blocking",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
-    about = "iptables service programming: weft vs a kube-proxy-shaped restore, nft and legacy; connect latency through a cluster IP"
+    about = "service programming, iptables (weft vs a kube-proxy-shaped restore, nft and legacy) and eBPF; connect and request/response latency through a cluster IP"
 )]
 struct Args {
     /// Service counts to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
     sizes: Vec<usize>,
+    /// Dataplanes to measure (comma-separated: iptables, ebpf).
+    #[arg(long, value_delimiter = ',', default_value = "iptables,ebpf")]
+    dataplanes: Vec<Dataplane>,
     /// iptables implementations to measure (comma-separated: nft, legacy).
     #[arg(long, value_delimiter = ',', default_value = "nft,legacy")]
     modes: Vec<Mode>,
@@ -111,6 +206,27 @@ struct Args {
     /// Timed connects per target and phase (after 100 untimed ones).
     #[arg(long, default_value_t = 2000)]
     connects: usize,
+    /// sockperf request/response protocols per target and phase
+    /// (comma-separated: tcp, udp).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,udp")]
+    rr_protocols: Vec<RrProto>,
+    /// sockperf modes (comma-separated: busy-poll, blocking): how client
+    /// and server wait for a message.
+    #[arg(long, value_delimiter = ',', default_value = "busy-poll,blocking")]
+    rr_modes: Vec<RrMode>,
+    /// sockperf rounds per target, protocol and phase (targets alternate
+    /// within a round; 0 skips request/response). The eBPF latency phase
+    /// alternates its two states (N Services, the probe alone) this many
+    /// times, one round each.
+    #[arg(long, default_value_t = 5)]
+    rr_rounds: usize,
+    /// Seconds of one sockperf run (its first 0.4 s are a warm-up it
+    /// leaves out).
+    #[arg(long, default_value_t = 2)]
+    rr_secs: u64,
+    /// sockperf message size in bytes.
+    #[arg(long, default_value_t = 64)]
+    rr_msg_size: usize,
     /// Also write the report (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -128,6 +244,9 @@ const NODE_IP: &str = "198.18.0.11";
 const NODES: usize = 50;
 const PORT: u16 = 80;
 const TARGET_PORT: u16 = 8080;
+/// The probe's sockperf port (TCP and UDP) and its target port.
+const RR_PORT: u16 = 81;
+const RR_TARGET_PORT: u16 = 8081;
 const CLIENT_IP: &str = "198.18.128.10";
 const SERVER_IP: &str = "198.18.129.10";
 const PROBE_NAME: &str = "zz-probe";
@@ -180,12 +299,27 @@ fn service(name: String, cluster_ip: IpAddr, backends: Vec<Backend>) -> ServiceE
     }
 }
 
+/// Endpoint addresses repeat every this many endpoints (the /17 pod CIDR).
+const ENDPOINT_ADDRESSES: usize = 128 * 250;
+
+/// Service `i`'s target port: 8080, plus one each time the endpoint
+/// addresses start over, so that every backend (address, port) is distinct
+/// (as in a cluster where every pod has its own address; with 10 endpoints
+/// per Service, 10,000 Services need 100,000). Equal backends would be one
+/// backend set in the eBPF maps.
+fn target_port(i: usize, e: usize) -> u16 {
+    TARGET_PORT + u16::try_from(i * e / ENDPOINT_ADDRESSES).expect("a port offset")
+}
+
 /// Service `i`: `bench/svc-NNNNN`, one TCP port, `e` ready endpoints in the pod CIDR.
 fn bench_service(i: usize, e: usize) -> ServiceEntry {
+    let port = target_port(i, e);
     let backends = (0..e)
         .map(|j| {
             let k = i * e + j;
-            backend(endpoint_ip(k).parse().expect("valid address"), k)
+            let mut b = backend(endpoint_ip(k).parse().expect("valid address"), k);
+            b.ports[0].port = port;
+            b
         })
         .collect();
     service(format!("svc-{i:05}"), cluster_ip(i), backends)
@@ -203,13 +337,26 @@ fn probe_ip(n: usize) -> IpAddr {
     IpAddr::from([a, b, c, 251])
 }
 
-/// The probe Service: one endpoint, the latency phase's server.
+/// The probe Service: one endpoint, the latency phase's server; port 80
+/// (TCP, connects) and 81 (TCP and UDP, sockperf).
 fn probe_service(n: usize) -> ServiceEntry {
-    service(
-        PROBE_NAME.into(),
-        probe_ip(n),
-        vec![backend(SERVER_IP.parse().expect("valid address"), 0)],
-    )
+    let mut server = backend(SERVER_IP.parse().expect("valid address"), 0);
+    let mut svc = service(PROBE_NAME.into(), probe_ip(n), Vec::new());
+    for (name, protocol) in [("rr", Protocol::TCP), ("rr-udp", Protocol::UDP)] {
+        svc.ports.push(FrontendPort {
+            name: name.into(),
+            protocol,
+            port: RR_PORT,
+            node_port: None,
+        });
+        server.ports.push(BackendPort {
+            name: name.into(),
+            protocol,
+            port: RR_TARGET_PORT,
+        });
+    }
+    svc.backends = vec![server];
+    svc
 }
 
 /// The view of size `n`: `n - 1` generated Services and the probe.
@@ -590,13 +737,24 @@ fn source_revision() -> String {
     let head = benchnet::run("git", &["log", "-1", "--format=%h %cI %s"])
         .map(|s| s.trim().chars().take(100).collect::<String>())
         .unwrap_or_else(|_| "unknown (not a git checkout)".into());
-    let dirty = benchnet::run("git", &["status", "--porcelain", "--", "agent", "model"])
-        .map(|s| !s.trim().is_empty())
-        .unwrap_or(false);
+    let dirty = benchnet::run(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--",
+            "agent",
+            "model",
+            "ebpf",
+            "ebpf-abi",
+        ],
+    )
+    .map(|s| !s.trim().is_empty())
+    .unwrap_or(false);
     format!(
         "working tree at `{head}`{}",
         if dirty {
-            ", with uncommitted changes in agent/ or model/"
+            ", with uncommitted changes in agent/, model/, ebpf/ or ebpf-abi/"
         } else {
             ""
         }
@@ -630,6 +788,15 @@ fn fmt_ms(v: f64) -> String {
         format!("{v:.0} ms")
     } else {
         format!("{v:.1} ms")
+    }
+}
+
+/// A duration for the eBPF tables: µs below 1 ms, else as [`fmt_ms`].
+fn fmt_fine(v: f64) -> String {
+    if v < 1.0 {
+        format!("{:.0} µs", v * 1e3)
+    } else {
+        fmt_ms(v)
     }
 }
 
@@ -753,12 +920,6 @@ fn restore_alone(mode: Mode, n: usize, endpoints: usize) -> anyhow::Result<(f64,
     Ok((took, user, sys, input.len()))
 }
 
-/// Where the latency phase's client connects from, and how often.
-struct Probe {
-    client: String,
-    connects: usize,
-}
-
 /// Everything weft does at one size, on a thread inside the namespace.
 /// `keep`: leave the rules in place. `probe`: right after the full sync,
 /// time connects to the probe's cluster IP and the server's pod IP.
@@ -768,7 +929,7 @@ fn weft_run(
     args: &ArgsCopy,
     keep: bool,
     probe: Option<Probe>,
-) -> anyhow::Result<(WeftRun, Vec<Vec<f64>>)> {
+) -> anyhow::Result<(WeftRun, Option<PhaseResult>)> {
     let mut out = WeftRun::default();
     let mut view = bench_view(n, args.endpoints);
     let cfg = plan_config();
@@ -802,10 +963,10 @@ fn weft_run(
         fmt_ms(out.full_ms),
         fmt_ms(ms(t.elapsed()))
     );
-    let mut series = Vec::new();
+    let mut series = None;
     if let Some(p) = probe {
         settle();
-        series = connect_series(&p.client, vec![probe_addr(n), server_addr()], p.connects)?;
+        series = Some(p.measure(&[LatTarget::cluster_ip(n, None), LatTarget::pod_ip(None)])?);
     }
     let mut w = Weft {
         dp,
@@ -1017,6 +1178,433 @@ fn peer_run(mode: Mode, n: usize, args: &ArgsCopy) -> anyhow::Result<PeerRun> {
     Ok(out)
 }
 
+// ---------------------------------------------------------------- eBPF side
+
+/// One single change on the eBPF dataplane, as the agent's driver pays a
+/// stream delta.
+#[derive(Clone, Debug, Default)]
+struct EbpfStep {
+    /// `PlanBuilder::update` by the changed key.
+    plan_ms: f64,
+    /// `Reconciler::apply` (encode the changed Service, write the maps).
+    apply_ms: f64,
+    /// What `EbpfDataplane::program` does after the apply for backends no
+    /// set holds any more: purge the north-south connection map, destroy
+    /// connected UDP sockets to them in the node namespace.
+    cleanup_ms: f64,
+    /// Map entries written or deleted.
+    writes: usize,
+    /// Major page faults of the measuring thread during the step.
+    majflt: u64,
+}
+
+impl EbpfStep {
+    fn total(&self) -> f64 {
+        self.plan_ms + self.apply_ms + self.cleanup_ms
+    }
+}
+
+/// An agent restart on the maps of the run: programs replaced in their
+/// pinned links, maps read back and adopted, the full plan applied.
+#[derive(Clone, Debug, Default)]
+struct EbpfRestart {
+    open_ms: f64,
+    image_ms: f64,
+    adopt_ms: f64,
+    build_ms: f64,
+    apply_ms: f64,
+    writes: usize,
+}
+
+impl EbpfRestart {
+    fn total(&self) -> f64 {
+        self.open_ms + self.image_ms + self.adopt_ms + self.build_ms + self.apply_ms
+    }
+}
+
+#[derive(Debug, Default)]
+struct EbpfRun {
+    n: usize,
+    /// Entries in the kernel after the full sync (checked against the
+    /// encoded plan): frontends (services map), backends (backends map).
+    frontends: usize,
+    backends: usize,
+    /// `Kernel::open` on a fresh bpffs: load, verify, attach, pin.
+    open_ms: f64,
+    build_ms: f64,
+    /// The full sync: `Reconciler::apply` of the whole plan onto empty maps.
+    full_ms: f64,
+    full_writes: usize,
+    /// Reading every entry back (`Kernel::image`).
+    image_ms: f64,
+    /// One map write alone, µs: existing entries written again with their
+    /// value (backends map, services map), mean.
+    write_backend_us: f64,
+    write_service_us: f64,
+    noop: Vec<EbpfStep>,
+    endpoint: Vec<EbpfStep>,
+    add: Vec<EbpfStep>,
+    remove: Vec<EbpfStep>,
+    restart: EbpfRestart,
+    /// Why the restart failed (the run then went on with the first agent).
+    restart_error: Option<String>,
+    /// The maps reconciled down to the probe alone (latency size only).
+    probe_only: Option<(f64, usize)>,
+}
+
+/// The agent's pieces of the eBPF dataplane, as `EbpfDataplane` holds them.
+struct EbpfAgent {
+    kernel: Kernel,
+    reconciler: Reconciler,
+    planner: PlanBuilder,
+    cfg: PlanConfig,
+}
+
+impl EbpfAgent {
+    /// A change of the Services in `changed`, as the driver applies a delta.
+    fn step(
+        &mut self,
+        view: &NodeView,
+        changed: &BTreeSet<(String, String)>,
+    ) -> anyhow::Result<EbpfStep> {
+        let t = Instant::now();
+        let faults = major_faults();
+        let plan = self.planner.update(view, &self.cfg, changed);
+        let plan_ms = ms(t.elapsed());
+        ensure!(
+            plan.changed
+                .as_ref()
+                .is_some_and(|c| c.len() == changed.len()),
+            "the plan does not list the changed Services"
+        );
+        let t = Instant::now();
+        let stats = self
+            .reconciler
+            .apply(&plan, &mut self.kernel)
+            .context("Reconciler::apply")?;
+        let apply_ms = ms(t.elapsed());
+        let t = Instant::now();
+        cleanup(&mut self.kernel, &stats.removed_backends)?;
+        let cleanup_ms = ms(t.elapsed());
+        Ok(EbpfStep {
+            plan_ms,
+            apply_ms,
+            cleanup_ms,
+            writes: stats.writes,
+            majflt: major_faults() - faults,
+        })
+    }
+}
+
+/// Major page faults of the calling thread so far (a page read back from
+/// disk: e.g. code dropped from memory while the process was idle).
+fn major_faults() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_majflt as u64
+}
+
+/// `EbpfDataplane::program`'s cleanup after an apply (see [`EbpfStep::cleanup_ms`]);
+/// this thread is in the node's namespace. There are no pod namespaces here.
+fn cleanup(kernel: &mut Kernel, removed: &[(u32, u16)]) -> anyhow::Result<usize> {
+    if removed.is_empty() {
+        return Ok(0);
+    }
+    let mut n = kernel
+        .purge_connections(removed)
+        .context("purging the connection map")?;
+    let targets: Vec<(std::net::Ipv4Addr, u16)> = removed
+        .iter()
+        .map(|(a, p)| (addr_of(*a), u16::from_be(*p)))
+        .collect();
+    n += weft_agent::dataplane::sockdestroy::destroy_udp_to(&targets)
+        .context("destroying UDP sockets to removed backends")?;
+    Ok(n)
+}
+
+/// The frontend and backend entries the maps must hold for `plan` (backend
+/// sets are shared by equal content).
+fn expected_entries(plan: &ServicePlan) -> (usize, usize) {
+    let mut frontends = 0;
+    let mut sets = BTreeSet::new();
+    for svc in &plan.services {
+        for f in encode(svc).frontends {
+            frontends += 1;
+            if let Some(set) = f.set {
+                sets.insert(set);
+            }
+        }
+    }
+    (frontends, sets.iter().map(|s| s.backends.len()).sum())
+}
+
+/// Everything the eBPF side does at one size, on a thread inside the node
+/// namespace: maps pinned under `bpffs` (fresh), programs attached to
+/// `cgroup`. `probe`: latency right after the full sync and with the probe
+/// alone at the end; returns those rows' measurements.
+fn ebpf_run(
+    n: usize,
+    args: &ArgsCopy,
+    bpffs: &Path,
+    cgroup: &Path,
+    probe: Option<Probe>,
+) -> anyhow::Result<(EbpfRun, Vec<(usize, PhaseResult)>)> {
+    let mut out = EbpfRun {
+        n,
+        ..Default::default()
+    };
+    let mut view = bench_view(n, args.endpoints);
+    let cfg = plan_config();
+    let t = Instant::now();
+    let mut kernel = Kernel::open(bpffs, cgroup).context("loading and attaching the programs")?;
+    out.open_ms = ms(t.elapsed());
+    let image = kernel.image()?;
+    ensure!(
+        image.services.is_empty() && image.backends.is_empty(),
+        "the maps of a fresh bpffs are not empty"
+    );
+    let mut reconciler = Reconciler::adopt(&image);
+    let t = Instant::now();
+    let mut planner = PlanBuilder::default();
+    let plan = planner.build(&view, &cfg);
+    out.build_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let stats = reconciler
+        .apply(&plan, &mut kernel)
+        .context("the full sync")?;
+    out.full_ms = ms(t.elapsed());
+    out.full_writes = stats.writes;
+    let t = Instant::now();
+    let image = kernel.image()?;
+    out.image_ms = ms(t.elapsed());
+    (out.frontends, out.backends) = (image.services.len(), image.backends.len());
+    let want = expected_entries(&plan);
+    ensure!(
+        (out.frontends, out.backends) == want,
+        "the maps hold {:?} (frontends, backends), not {want:?}",
+        (out.frontends, out.backends)
+    );
+    ensure!(
+        out.full_writes == out.frontends + out.backends,
+        "the full sync wrote {} entries for {} in the maps",
+        out.full_writes,
+        out.frontends + out.backends
+    );
+    eprintln!(
+        "ebpf {n:>6}: load+attach {}, full sync {} ({} writes; reading the maps back: {})",
+        fmt_ms(out.open_ms),
+        fmt_ms(out.full_ms),
+        out.full_writes,
+        fmt_ms(out.image_ms)
+    );
+    // One write alone: existing entries written again with their value.
+    const SAMPLE: usize = 2000;
+    let t = Instant::now();
+    let mut k = 0;
+    for (key, value) in image.backends.iter().take(SAMPLE) {
+        kernel.put_backend(*key, *value)?;
+        k += 1;
+    }
+    out.write_backend_us = t.elapsed().as_secs_f64() * 1e6 / k.max(1) as f64;
+    let t = Instant::now();
+    let mut k = 0;
+    for (key, value) in image.services.iter().take(SAMPLE) {
+        kernel.put_service(*key, *value)?;
+        k += 1;
+    }
+    out.write_service_us = t.elapsed().as_secs_f64() * 1e6 / k.max(1) as f64;
+    drop(image);
+
+    let mut phases = Vec::new();
+    let mut a = EbpfAgent {
+        kernel,
+        reconciler,
+        planner,
+        cfg,
+    };
+    if let Some(p) = &probe {
+        let (at_n, alone) = ebpf_latency(&mut a, &view, n, cgroup, p, &mut out)?;
+        phases.push((n, at_n));
+        phases.push((1, alone));
+    }
+    for _ in 0..3 {
+        out.noop.push(a.step(&view, &BTreeSet::new())?);
+    }
+    let generated = n - 1;
+    for (c, i) in spread(generated, args.changes, 0).into_iter().enumerate() {
+        let key = (NAMESPACE.to_string(), format!("svc-{i:05}"));
+        let svc = view.services.get_mut(&key).context("no such Service")?;
+        let j = c % svc.backends.len();
+        svc.backends[j].ip = fresh_endpoint(c);
+        out.endpoint.push(a.step(&view, &BTreeSet::from([key]))?);
+    }
+    for (c, i) in spread(generated, args.adds, generated / 7)
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = bench_service(i, args.endpoints);
+        s.name = format!("svc-{i:05}-add");
+        s.cluster_ips = vec![format!("198.19.250.{}", c + 1).parse()?];
+        let key = s.key();
+        view.services.insert(s.key(), s);
+        out.add.push(a.step(&view, &BTreeSet::from([key]))?);
+    }
+    for i in spread(generated, args.adds, generated / 3) {
+        let key = (NAMESPACE.to_string(), format!("svc-{i:05}"));
+        ensure!(view.services.remove(&key).is_some(), "no Service {key:?}");
+        out.remove.push(a.step(&view, &BTreeSet::from([key]))?);
+    }
+
+    // A restart: a new agent on the same bpffs. The old one goes once the
+    // new one is in place, so a failed restart leaves the run its maps.
+    match restart_agent(&view, &a.cfg, bpffs, cgroup) {
+        Ok((new, r)) => {
+            eprintln!(
+                "ebpf {n:>6}: restart {} ({} writes)",
+                fmt_ms(r.total()),
+                r.writes
+            );
+            out.restart = r;
+            a = new;
+        }
+        Err(e) => {
+            eprintln!("ebpf {n:>6}: restart FAILED: {e:#}");
+            out.restart_error = Some(format!("{e:#}"));
+        }
+    }
+
+    drop(a);
+    Ok((out, phases))
+}
+
+/// The eBPF latency phases: with the maps holding `view` (N Services, as
+/// after the full sync) and holding the probe alone, alternated
+/// `p.rounds` times (`--rr-rounds`, at least 1), each state's share of
+/// the connects and one sockperf round per state and round, so both states
+/// meet the same machine. Leaves the maps holding `view`.
+fn ebpf_latency(
+    a: &mut EbpfAgent,
+    view: &NodeView,
+    n: usize,
+    cgroup: &Path,
+    p: &Probe,
+    out: &mut EbpfRun,
+) -> anyhow::Result<(PhaseResult, PhaseResult)> {
+    let targets = [
+        LatTarget::cluster_ip(n, Some(cgroup)),
+        LatTarget::pod_ip(Some(cgroup)),
+        LatTarget::pod_ip_outside(),
+    ];
+    let rounds = p.rounds.max(1);
+    let part = Probe {
+        connects: p.connects.div_ceil(rounds),
+        rr: p.rr.clone().map(|c| RrConfig { rounds: 1, ..c }),
+        ..p.clone()
+    };
+    let alone_view = view_of([probe_service(n)]);
+    let mut at_n: Option<PhaseResult> = None;
+    let mut alone: Option<PhaseResult> = None;
+    for round in 0..rounds {
+        if round > 0 {
+            let plan = a.planner.build(view, &a.cfg);
+            a.reconciler.apply(&plan, &mut a.kernel)?;
+        }
+        settle();
+        merge(&mut at_n, part.measure(&targets)?);
+        let t = Instant::now();
+        let plan = a.planner.build(&alone_view, &a.cfg);
+        let stats = a.reconciler.apply(&plan, &mut a.kernel)?;
+        cleanup(&mut a.kernel, &stats.removed_backends)?;
+        if round == 0 {
+            out.probe_only = Some((ms(t.elapsed()), stats.writes));
+            let image = a.kernel.image()?;
+            ensure!(
+                (image.services.len(), image.backends.len()) == expected_entries(&plan),
+                "the maps do not hold the probe alone"
+            );
+        }
+        settle();
+        merge(&mut alone, part.measure(&targets)?);
+        eprintln!("ebpf {n:>6}: latency round {} of {rounds} done", round + 1);
+    }
+    let plan = a.planner.build(view, &a.cfg);
+    a.reconciler.apply(&plan, &mut a.kernel)?;
+    let image = a.kernel.image()?;
+    ensure!(
+        (image.services.len(), image.backends.len()) == expected_entries(&plan),
+        "the maps do not hold the N Services again"
+    );
+    Ok((
+        at_n.context("no latency round")?,
+        alone.context("no latency round")?,
+    ))
+}
+
+/// Add `more`'s samples to `acc` (same targets, modes and protocols).
+fn merge(acc: &mut Option<PhaseResult>, more: PhaseResult) {
+    let Some(a) = acc else {
+        *acc = Some(more);
+        return;
+    };
+    for (x, y) in a.connect.iter_mut().zip(more.connect) {
+        x.extend(y);
+    }
+    for (x, y) in a.rr.iter_mut().zip(more.rr) {
+        for ((_, _, xs), (_, _, ys)) in x.iter_mut().zip(y) {
+            xs.extend(ys);
+        }
+    }
+}
+
+/// A new agent on the maps and links pinned under `bpffs`: programs
+/// replaced in their links, maps read back and adopted, the full plan of
+/// `view` applied.
+fn restart_agent(
+    view: &NodeView,
+    cfg: &PlanConfig,
+    bpffs: &Path,
+    cgroup: &Path,
+) -> anyhow::Result<(EbpfAgent, EbpfRestart)> {
+    let mut r = EbpfRestart::default();
+    let t = Instant::now();
+    let mut kernel =
+        Kernel::open(bpffs, cgroup).context("Kernel::open on the pinned maps and links")?;
+    r.open_ms = ms(t.elapsed());
+    ensure!(
+        kernel.attach.attached.is_empty(),
+        "the restart attached anew instead of replacing: {:?}",
+        kernel.attach
+    );
+    let t = Instant::now();
+    let image = kernel.image()?;
+    r.image_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let mut reconciler = Reconciler::adopt(&image);
+    r.adopt_ms = ms(t.elapsed());
+    drop(image);
+    let t = Instant::now();
+    let mut planner = PlanBuilder::default();
+    let plan = planner.build(view, cfg);
+    r.build_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let stats = reconciler
+        .apply(&plan, &mut kernel)
+        .context("the restart's apply")?;
+    r.apply_ms = ms(t.elapsed());
+    r.writes = stats.writes;
+    cleanup(&mut kernel, &stats.removed_backends)?;
+    Ok((
+        EbpfAgent {
+            kernel,
+            reconciler,
+            planner,
+            cfg: cfg.clone(),
+        },
+        r,
+    ))
+}
+
 // ---------------------------------------------------------------- latency
 
 /// An accept-and-close TCP server on a thread inside a namespace; stopped
@@ -1106,46 +1694,324 @@ fn connect_once(addr: SocketAddr) -> anyhow::Result<f64> {
     Ok(us)
 }
 
-/// `connects` timed connects to each target, alternating, in microseconds.
-fn connect_series(
-    client_ns: &str,
-    targets: Vec<SocketAddr>,
+/// One latency target: connects go to `connect`, sockperf to `rr` (the
+/// same address, the sockperf port); the client runs in `cgroup` when set.
+#[derive(Clone, Debug)]
+struct LatTarget {
+    label: &'static str,
+    connect: SocketAddr,
+    rr: SocketAddr,
+    cgroup: Option<PathBuf>,
+}
+
+impl LatTarget {
+    fn cluster_ip(n: usize, cgroup: Option<&Path>) -> LatTarget {
+        LatTarget {
+            label: "cluster IP",
+            connect: probe_addr(n),
+            rr: SocketAddr::new(probe_ip(n), RR_PORT),
+            cgroup: cgroup.map(Path::to_path_buf),
+        }
+    }
+
+    fn pod_ip(cgroup: Option<&Path>) -> LatTarget {
+        LatTarget {
+            label: "pod IP",
+            connect: server_addr(),
+            rr: SocketAddr::new(server_addr().ip(), RR_TARGET_PORT),
+            cgroup: cgroup.map(Path::to_path_buf),
+        }
+    }
+
+    /// The pod IP from a client outside the programs' cgroup.
+    fn pod_ip_outside() -> LatTarget {
+        LatTarget {
+            label: "pod IP, client outside the cgroup",
+            ..LatTarget::pod_ip(None)
+        }
+    }
+}
+
+/// sockperf request/response settings.
+#[derive(Clone, Debug)]
+struct RrConfig {
+    modes: Vec<RrMode>,
+    protocols: Vec<RrProto>,
+    rounds: usize,
+    secs: u64,
+    msg_size: usize,
+}
+
+/// Where a latency phase's clients run and what they measure.
+#[derive(Clone, Debug)]
+struct Probe {
+    /// How many times the eBPF latency phase alternates its two states.
+    rounds: usize,
+    client: String,
+    /// The server namespace (sockperf servers run there during a phase's
+    /// request/response runs).
+    server: String,
     connects: usize,
-) -> anyhow::Result<Vec<Vec<f64>>> {
-    benchnet::run_in(client_ns, move || {
-        for t in &targets {
-            TcpStream::connect_timeout(t, Duration::from_secs(2))
-                .with_context(|| format!("{t} is not reachable from the client"))?;
+    /// None: no request/response (sockperf missing or not asked for).
+    rr: Option<RrConfig>,
+}
+
+/// Every request/response round trip (µs) of one target, per mode and protocol.
+type RrSamples = Vec<(RrMode, RrProto, Vec<f64>)>;
+
+/// What one phase measured, per target (in the order given): connect
+/// times, and per protocol every request/response round trip (µs).
+struct PhaseResult {
+    labels: Vec<&'static str>,
+    connect: Vec<Vec<f64>>,
+    rr: Vec<RrSamples>,
+}
+
+impl Probe {
+    fn measure(&self, targets: &[LatTarget]) -> anyhow::Result<PhaseResult> {
+        let connect = connect_series(&self.client, targets, self.connects)?;
+        let rr = match &self.rr {
+            Some(c) => rr_series(&self.client, &self.server, targets, c)?,
+            None => targets.iter().map(|_| Vec::new()).collect(),
+        };
+        Ok(PhaseResult {
+            labels: targets.iter().map(|t| t.label).collect(),
+            connect,
+            rr,
+        })
+    }
+}
+
+/// sockperf runs to each target and protocol, `rounds` times, targets
+/// alternating in each round; samples of a (target, mode, protocol)
+/// merged. Per mode, that mode's servers (TCP and UDP) run in the server
+/// namespace for the mode's runs only (a busy-polling server spins).
+fn rr_series(
+    client_ns: &str,
+    server_ns: &str,
+    targets: &[LatTarget],
+    c: &RrConfig,
+) -> anyhow::Result<Vec<RrSamples>> {
+    let mut out: Vec<RrSamples> = targets.iter().map(|_| Vec::new()).collect();
+    let listen = SocketAddr::new(server_addr().ip(), RR_TARGET_PORT);
+    for mode in &c.modes {
+        let busy = *mode == RrMode::BusyPoll;
+        let mut servers = Vec::new();
+        for p in &c.protocols {
+            servers.push(SockperfServer::start(
+                server_ns,
+                listen,
+                *p == RrProto::Tcp,
+                busy,
+            )?);
         }
-        for k in 0..100 {
-            connect_once(targets[k % targets.len()])?;
-        }
-        let mut out: Vec<Vec<f64>> = targets
-            .iter()
-            .map(|_| Vec::with_capacity(connects))
-            .collect();
-        for _ in 0..connects {
-            for (k, t) in targets.iter().enumerate() {
-                out[k].push(connect_once(*t)?);
+        let (ts, cfg, mode) = (targets.to_vec(), c.clone(), *mode);
+        let samples = benchnet::run_in(client_ns, move || {
+            let mut out: Vec<Vec<Vec<f64>>> = ts
+                .iter()
+                .map(|_| cfg.protocols.iter().map(|_| Vec::new()).collect())
+                .collect();
+            for _ in 0..cfg.rounds {
+                for (k, t) in ts.iter().enumerate() {
+                    for (i, p) in cfg.protocols.iter().enumerate() {
+                        let v = benchnet::sockperf_pingpong(
+                            t.rr,
+                            *p == RrProto::Tcp,
+                            busy,
+                            cfg.secs,
+                            cfg.msg_size,
+                            t.cgroup.as_deref(),
+                        )
+                        .with_context(|| {
+                            format!(
+                                "sockperf {} {} to the {}",
+                                mode.as_str(),
+                                p.as_str(),
+                                t.label
+                            )
+                        })?;
+                        out[k][i].extend(v);
+                    }
+                }
+            }
+            Ok(out)
+        });
+        drop(servers);
+        for (k, per_proto) in samples?.into_iter().enumerate() {
+            for (p, v) in c.protocols.iter().zip(per_proto) {
+                out[k].push((mode, *p, v));
             }
         }
-        Ok(out)
-    })
+    }
+    Ok(out)
+}
+
+/// A request to a connecting thread.
+enum ConnectJob {
+    /// Untimed: is the target reachable at all?
+    Check(SocketAddr),
+    Time(SocketAddr),
+}
+
+/// A thread in the client namespace (and in a cgroup when given) that
+/// connects on request, so targets whose clients differ in cgroup can
+/// alternate; the timing happens on the thread.
+struct ConnectWorker {
+    jobs: Option<std::sync::mpsc::Sender<ConnectJob>>,
+    results: std::sync::mpsc::Receiver<anyhow::Result<f64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConnectWorker {
+    fn start(ns: &str, cgroup: Option<PathBuf>) -> anyhow::Result<ConnectWorker> {
+        let (jobs, rx) = std::sync::mpsc::channel::<ConnectJob>();
+        let (tx, results) = std::sync::mpsc::channel();
+        let ns = ns.to_string();
+        let thread = std::thread::spawn(move || {
+            let ready = benchnet::enter(&ns).and_then(|_| match &cgroup {
+                Some(cg) => ThreadedCgroup::join(cg),
+                None => Ok(()),
+            });
+            let ok = ready.is_ok();
+            let _ = tx.send(ready.map(|_| 0.0));
+            if !ok {
+                return;
+            }
+            for job in rx {
+                let r = match job {
+                    ConnectJob::Check(t) => TcpStream::connect_timeout(&t, Duration::from_secs(2))
+                        .map(|_| 0.0)
+                        .with_context(|| format!("{t} is not reachable from the client")),
+                    ConnectJob::Time(t) => connect_once(t),
+                };
+                if tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+        let w = ConnectWorker {
+            jobs: Some(jobs),
+            results,
+            thread: Some(thread),
+        };
+        w.results.recv().context("connect thread died")??;
+        Ok(w)
+    }
+
+    fn run(&self, job: ConnectJob) -> anyhow::Result<f64> {
+        self.jobs
+            .as_ref()
+            .context("stopped")?
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("connect thread died"))?;
+        self.results.recv().context("connect thread died")?
+    }
+}
+
+impl Drop for ConnectWorker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `connects` timed connects to each target, alternating, in microseconds.
+/// One client thread per target (in the target's cgroup, if any), handed
+/// each connect in turn: targets whose clients differ alternate too, every
+/// target is measured the same way, and the hand-over is not timed.
+fn connect_series(
+    client_ns: &str,
+    targets: &[LatTarget],
+    connects: usize,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let workers = targets
+        .iter()
+        .map(|t| ConnectWorker::start(client_ns, t.cgroup.clone()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let worker = |k: usize| &workers[k];
+    for (k, t) in targets.iter().enumerate() {
+        worker(k).run(ConnectJob::Check(t.connect))?;
+    }
+    for j in 0..100 {
+        let k = j % targets.len();
+        worker(k).run(ConnectJob::Time(targets[k].connect))?;
+    }
+    let mut out: Vec<Vec<f64>> = targets
+        .iter()
+        .map(|_| Vec::with_capacity(connects))
+        .collect();
+    for _ in 0..connects {
+        for (k, t) in targets.iter().enumerate() {
+            out[k].push(worker(k).run(ConnectJob::Time(t.connect))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Request/response round trips of one (target, protocol): summary and mean
+/// (µs); the mean is the inverse of the transaction rate.
+#[derive(Clone, Copy, Debug)]
+struct Rr {
+    s: Summary,
+    mean: f64,
+}
+
+/// One row of the latency tables.
+struct LatRow {
+    /// "iptables (nft)", "eBPF".
+    dataplane: String,
+    phase: String,
+    /// Services in the node's rules or maps (the probe included; 0: none).
+    services: usize,
+    target: &'static str,
+    connect: Summary,
+    rr: Vec<(RrMode, RrProto, Rr)>,
+}
+
+fn lat_rows(dataplane: &str, phase: &str, services: usize, r: PhaseResult) -> Vec<LatRow> {
+    r.labels
+        .into_iter()
+        .zip(r.connect)
+        .zip(r.rr)
+        .map(|((label, c), rr)| LatRow {
+            dataplane: dataplane.to_string(),
+            phase: phase.to_string(),
+            services,
+            target: label,
+            connect: summarize(&c),
+            rr: rr
+                .into_iter()
+                .map(|(m, p, v)| {
+                    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                    (
+                        m,
+                        p,
+                        Rr {
+                            s: summarize(&v),
+                            mean,
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 struct LatencyRun {
     mode: Mode,
     services: usize,
-    /// (phase label, target label, microseconds summary)
-    rows: Vec<(String, &'static str, Summary)>,
+    rows: Vec<LatRow>,
     /// Applying the probe Service alone (after emptying the tables).
     probe_apply_ms: f64,
 }
 
-/// client <-> node <-> server, with the server listening.
+/// client <-> node <-> server, with the connect server listening.
 struct Topology {
     client: String,
     node: String,
+    server_ns: String,
     server: Option<Server>,
 }
 
@@ -1199,6 +2065,7 @@ impl Topology {
         Ok(Topology {
             client,
             node,
+            server_ns: server,
             server: Some(srv),
         })
     }
@@ -1269,19 +2136,44 @@ fn main() -> anyhow::Result<()> {
         args.latency_services == 0 || args.latency_services > 1,
         "--latency-services must be 0 (skip) or at least 2"
     );
+    ensure!(!args.dataplanes.is_empty(), "--dataplanes names none");
+    ensure!(args.rr_secs > 0, "--rr-secs must be at least 1");
+    let with_iptables = args.dataplanes.contains(&Dataplane::Iptables);
+    let with_ebpf = args.dataplanes.contains(&Dataplane::Ebpf);
     let latency_mode = args.latency_mode.unwrap_or_else(Mode::detect);
     let mut modes = args.modes.clone();
     if args.latency_services > 0 && !modes.contains(&latency_mode) {
         modes.push(latency_mode);
     }
-    for mode in &modes {
-        benchnet::run(&mode.tool("iptables"), &["--version"]).with_context(|| {
-            format!(
-                "{} is needed (apt-get install iptables, or `cargo xtask setup`)",
-                mode.tool("iptables")
-            )
-        })?;
+    if with_iptables {
+        for mode in &modes {
+            benchnet::run(&mode.tool("iptables"), &["--version"]).with_context(|| {
+                format!(
+                    "{} is needed (apt-get install iptables, or `cargo xtask setup`)",
+                    mode.tool("iptables")
+                )
+            })?;
+        }
     }
+    // Request/response needs sockperf; without it that part is skipped and
+    // the report says why.
+    let sockperf = if args.latency_services == 0 {
+        Err("no latency phase (--latency-services 0)".to_string())
+    } else if args.rr_rounds == 0 {
+        Err("not asked for (--rr-rounds 0)".to_string())
+    } else {
+        benchnet::sockperf_version()
+    };
+    if let Err(why) = &sockperf {
+        eprintln!("request/response latency skipped: {why}");
+    }
+    let rr = sockperf.is_ok().then(|| RrConfig {
+        modes: args.rr_modes.clone(),
+        protocols: args.rr_protocols.clone(),
+        rounds: args.rr_rounds,
+        secs: args.rr_secs,
+        msg_size: args.rr_msg_size,
+    });
     let load_start = benchnet::loadavg();
     let revision = source_revision();
     let started = Instant::now();
@@ -1295,13 +2187,16 @@ fn main() -> anyhow::Result<()> {
         peer_limit: args.peer_limit,
     };
     // (mode, N); the latency phase runs at its own (mode, N), added if missing.
-    let mut runs: Vec<(Mode, usize)> = args
-        .modes
-        .iter()
-        .flat_map(|m| args.sizes.iter().map(move |n| (*m, *n)))
-        .collect();
+    let mut runs: Vec<(Mode, usize)> = if with_iptables {
+        args.modes
+            .iter()
+            .flat_map(|m| args.sizes.iter().map(move |n| (*m, *n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let lat_key = (latency_mode, args.latency_services);
-    if args.latency_services > 0 && !runs.contains(&lat_key) {
+    if with_iptables && args.latency_services > 0 && !runs.contains(&lat_key) {
         runs.push(lat_key);
     }
     if let Some(dir) = &args.dump {
@@ -1326,6 +2221,7 @@ fn main() -> anyhow::Result<()> {
     let mut latency = None;
     for (mode, n) in runs {
         let tag = mode.as_str();
+        let dp_label = format!("iptables ({tag})");
         let mut ns = Namespaces::new("wsb");
         // weft's first restore input alone, in its own fresh namespace.
         let alone_ns = ns.add(&format!("{tag}-alone-{n}"))?;
@@ -1350,21 +2246,24 @@ fn main() -> anyhow::Result<()> {
             rows: Vec::new(),
             probe_apply_ms: f64::NAN,
         };
-        if let Some(t) = &topo {
+        let probe = topo.as_ref().map(|t| Probe {
+            rounds: args.rr_rounds.max(1),
+            client: t.client.clone(),
+            server: t.server_ns.clone(),
+            connects: args.connects,
+            rr: rr.clone(),
+        });
+        if let Some(p) = &probe {
             settle();
-            let s = connect_series(&t.client, vec![server_addr()], args.connects)?;
-            lat.rows
-                .push(("no rules".into(), "pod IP", summarize(&s[0])));
+            let r = p.measure(&[LatTarget::pod_ip(None)])?;
+            lat.rows.extend(lat_rows(&dp_label, "no rules", 0, r));
         }
         let c = copy.clone();
         settle();
         let t = Instant::now();
-        let probe = topo.as_ref().map(|t| Probe {
-            client: t.client.clone(),
-            connects: args.connects,
-        });
+        let p = probe.clone();
         let (mut weft, series) =
-            benchnet::run_in(&wns, move || weft_run(mode, n, &c, with_latency, probe))
+            benchnet::run_in(&wns, move || weft_run(mode, n, &c, with_latency, p))
                 .with_context(|| format!("weft, {tag}, {n} Services"))?;
         ensure!(
             alone.3 == weft.full_bytes,
@@ -1381,11 +2280,9 @@ fn main() -> anyhow::Result<()> {
             fmt_ms(p50(&weft.remove.iter().map(Step::total).collect::<Vec<_>>())),
             secs(t.elapsed())
         );
-        if let Some(t) = &topo {
+        if let (Some(t), Some(p), Some(series)) = (&topo, &probe, series) {
             let label = format!("{n} Services (probe last)");
-            lat.rows
-                .push((label.clone(), "cluster IP", summarize(&series[0])));
-            lat.rows.push((label, "pod IP", summarize(&series[1])));
+            lat.rows.extend(lat_rows(&dp_label, &label, n, series));
             // The probe alone: empty the tables, then a first apply of it.
             lat.probe_apply_ms = benchnet::run_in(&t.node, move || {
                 flush_tables(&Iptables { mode })?;
@@ -1397,11 +2294,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(ms(t.elapsed()))
             })?;
             settle();
-            let s = connect_series(&t.client, vec![probe_addr(n), server_addr()], args.connects)?;
-            let label = "probe Service only".to_string();
+            let r = p.measure(&[LatTarget::cluster_ip(n, None), LatTarget::pod_ip(None)])?;
             lat.rows
-                .push((label.clone(), "cluster IP", summarize(&s[0])));
-            lat.rows.push((label, "pod IP", summarize(&s[1])));
+                .extend(lat_rows(&dp_label, "probe Service only", 1, r));
             benchnet::run_in(&t.node, move || flush_tables(&Iptables { mode }))?;
             eprintln!("{tag} {n:>6} latency done");
             latency = Some(lat);
@@ -1432,15 +2327,77 @@ fn main() -> anyhow::Result<()> {
         });
     }
 
-    let report = report(
-        &args,
-        &load_start,
-        &revision,
+    let mut ebpf = EbpfResults::default();
+    if with_ebpf {
+        // Only the threads that join `cg.node` (and processes they start)
+        // get the programs; dropped (and the process moved back) at the end.
+        let cg = ThreadedCgroup::create("wsb")?;
+        let mut sizes = args.sizes.clone();
+        if args.latency_services > 0 && !sizes.contains(&args.latency_services) {
+            sizes.push(args.latency_services);
+        }
+        for n in sizes {
+            let mut ns = Namespaces::new("wsb");
+            let with_latency = args.latency_services == n;
+            let topo = if with_latency {
+                Some(Topology::new(&mut ns, "ebpf")?)
+            } else {
+                None
+            };
+            let node_ns = match &topo {
+                Some(t) => t.node.clone(),
+                None => ns.add(&format!("ebpf-{n}"))?,
+            };
+            let probe = topo.as_ref().map(|t| Probe {
+                rounds: args.rr_rounds.max(1),
+                client: t.client.clone(),
+                server: t.server_ns.clone(),
+                connects: args.connects,
+                rr: rr.clone(),
+            });
+            let bpffs = BpffsDir::new("wsb", &n.to_string());
+            let (dir, node, c) = (bpffs.0.clone(), cg.node.clone(), copy.clone());
+            settle();
+            let t = Instant::now();
+            let (run, phases) =
+                benchnet::run_in(&node_ns, move || ebpf_run(n, &c, &dir, &node, probe))
+                    .with_context(|| format!("eBPF, {n} Services"))?;
+            eprintln!(
+                "ebpf {n:>6}: endpoint change p50 {} ({} writes), add p50 {}, remove p50 {} [{:.0} s]",
+                fmt_ms(p50(&run.endpoint.iter().map(EbpfStep::total).collect::<Vec<_>>())),
+                run.endpoint.first().map_or(0, |s| s.writes),
+                fmt_ms(p50(&run.add.iter().map(EbpfStep::total).collect::<Vec<_>>())),
+                fmt_ms(p50(&run.remove.iter().map(EbpfStep::total).collect::<Vec<_>>())),
+                secs(t.elapsed())
+            );
+            for (services, phase) in phases {
+                let label = if services == 1 {
+                    "probe Service only".to_string()
+                } else {
+                    format!("{services} Services (probe last)")
+                };
+                ebpf.rows.extend(lat_rows("eBPF", &label, services, phase));
+            }
+            if with_latency {
+                ebpf.latency_services = n;
+                ebpf.probe_only = run.probe_only;
+            }
+            ebpf.runs.push(run);
+            drop(topo);
+            ns.clear();
+            drop(bpffs);
+        }
+        drop(cg);
+    }
+
+    let info = RunInfo {
+        load_start,
+        revision,
         host_mode,
-        &results,
-        latency.as_ref(),
+        sockperf,
         started,
-    )?;
+    };
+    let report = report(&args, &info, &results, latency.as_ref(), &ebpf)?;
     print!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
@@ -1448,15 +2405,40 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The eBPF side's results: per size, and the latency rows.
+#[derive(Default)]
+struct EbpfResults {
+    runs: Vec<EbpfRun>,
+    rows: Vec<LatRow>,
+    latency_services: usize,
+    probe_only: Option<(f64, usize)>,
+}
+
+/// About the run as a whole, for the report.
+struct RunInfo {
+    load_start: String,
+    revision: String,
+    host_mode: Mode,
+    /// sockperf's version, or why request/response was skipped.
+    sockperf: Result<String, String>,
+    started: Instant,
+}
+
 fn report(
     args: &Args,
-    load_start: &str,
-    revision: &str,
-    host_mode: Mode,
+    info: &RunInfo,
     results: &[SizeResult],
     latency: Option<&LatencyRun>,
-    started: Instant,
+    ebpf: &EbpfResults,
 ) -> anyhow::Result<String> {
+    let RunInfo {
+        load_start,
+        revision,
+        host_mode,
+        sockperf,
+        started,
+    } = info;
+    let host_mode = *host_mode;
     let ver = |m: Mode| {
         benchnet::run(&m.tool("iptables"), &["--version"])
             .map(|s| s.trim().to_string())
@@ -1468,21 +2450,33 @@ fn report(
             modes.push(s.mode);
         }
     }
-    let mut r = benchnet::report_header("weft services (iptables) benchmark", load_start);
+    let mut r = benchnet::report_header("weft services benchmark (iptables and eBPF)", load_start);
     writeln!(
         r,
-        "Scale: N Services x {} endpoints (ClusterIP, one TCP port; N - 1 generated + the probe Service, which has 1 endpoint); {} endpoint changes, {} additions and {} removals per size; tools: {}  ",
+        "Scale: N Services x {} endpoints (ClusterIP, one TCP port; every backend address:port distinct: the target port goes up by one every 32,000 endpoints, the addresses of the /17 pod CIDR; N - 1 generated + the probe Service, which has 1 endpoint and three ports: 80/TCP for connects, 81/TCP and 81/UDP for sockperf); {} endpoint changes, {} additions and {} removals per size; iptables: {}  ",
         args.endpoints,
         args.changes,
         args.adds,
         args.adds,
-        modes
-            .iter()
-            .map(|m| format!("`{}`", ver(*m)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        if modes.is_empty() {
+            "not measured".to_string()
+        } else {
+            modes
+                .iter()
+                .map(|m| format!("`{}`", ver(*m)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     )?;
     writeln!(r, "weft-agent: {revision} (at the start of the run)  ")?;
+    writeln!(
+        r,
+        "Request/response: {}  ",
+        match sockperf {
+            Ok(v) => format!("`{v}`"),
+            Err(why) => format!("**skipped**: {why}"),
+        }
+    )?;
     writeln!(
         r,
         "Host iptables mode (kube-proxy's rule: the implementation holding more rules, nft on a tie): {}; peer full restores stopped after {} s; whole run {:.0} s\n",
@@ -1501,19 +2495,20 @@ fn report(
         None => format!("< {:.3}x", weft_ms / (args.peer_limit as f64 * 1e3)),
     };
 
-    writeln!(
+    if !results.is_empty() {
+        writeln!(
         r,
         "Full sync into an empty namespace (weft: its first `apply`; of which restore: the same input applied alone with a bare `iptables-restore --noflush` in another fresh namespace, the rest being the listing of the tables before and the 12 jumps after; CPU: of the iptables processes, user / system; after each full sync the chains and the services chain's rules were checked in the kernel):\n"
     )?;
-    writeln!(
+        writeln!(
         r,
         "| mode | N | weft chains / rules | **weft full sync** | of which restore / the rest | weft restore CPU | weft full resync onto its rules (restart) | kube-proxy-shaped chains / rules | peer jumps, then full restore | peer restore CPU | weft restore / peer restore | weft full sync / peer jumps + restore |"
     )?;
-    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-    for s in results {
-        let w = &s.weft;
-        let resync: Vec<f64> = w.resync.iter().map(Step::total).collect();
-        writeln!(
+        writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for s in results {
+            let w = &s.weft;
+            let resync: Vec<f64> = w.resync.iter().map(Step::total).collect();
+            writeln!(
             r,
             "| {} | {} | {} / {} | **{}** | {} / {} | {} | {} | {} / {} | {} ({} calls), {} | {} | **{}** | {} |",
             s.mode.as_str(),
@@ -1540,113 +2535,113 @@ fn report(
                 ),
             }
         )?;
-    }
-    writeln!(r)?;
+        }
+        writeln!(r)?;
 
-    writeln!(
+        writeln!(
         r,
         "Single changes (weft: the plan rebuilt from the whole view, then `apply`, as the agent does per change; peer: kube-proxy's partial restore of the same endpoint change; p50 / max):\n"
     )?;
-    writeln!(
+        writeln!(
         r,
         "| mode | N | **weft endpoint change** | of which apply | chains / bytes restored | weft add Service | weft remove Service | weft no-op | peer partial restore | weft / peer partial (p50) | weft change (p50) / peer full restore |"
     )?;
-    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
-    let pm = |v: &[f64]| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{} / {}", fmt_ms(p50(v)), fmt_ms(max(v)))
-        }
-    };
-    let tot = |v: &[Step]| v.iter().map(Step::total).collect::<Vec<_>>();
-    for s in results {
-        let ep = tot(&s.weft.endpoint);
-        let apply: Vec<f64> = s.weft.endpoint.iter().map(|x| x.apply_ms).collect();
-        let last = s.weft.endpoint.last().cloned().unwrap_or_default();
-        let ratio_partial = if s.peer.partial_ms.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{:.2}x", p50(&ep) / p50(&s.peer.partial_ms))
+        writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        let pm = |v: &[f64]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{} / {}", fmt_ms(p50(v)), fmt_ms(max(v)))
+            }
         };
-        writeln!(
-            r,
-            "| {} | {} | **{}** | {} | {} / {} B | {} | {} | {} | {} | {} | {} |",
-            s.mode.as_str(),
-            s.n,
-            pm(&ep),
-            pm(&apply),
-            last.chains,
-            last.bytes,
-            pm(&tot(&s.weft.add)),
-            pm(&tot(&s.weft.remove)),
-            pm(&tot(&s.weft.noop)),
-            pm(&s.peer.partial_ms),
-            ratio_partial,
-            ratio_full(p50(&ep), &s.peer)
-        )?;
-    }
-    writeln!(r)?;
+        let tot = |v: &[Step]| v.iter().map(Step::total).collect::<Vec<_>>();
+        for s in results {
+            let ep = tot(&s.weft.endpoint);
+            let apply: Vec<f64> = s.weft.endpoint.iter().map(|x| x.apply_ms).collect();
+            let last = s.weft.endpoint.last().cloned().unwrap_or_default();
+            let ratio_partial = if s.peer.partial_ms.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.2}x", p50(&ep) / p50(&s.peer.partial_ms))
+            };
+            writeln!(
+                r,
+                "| {} | {} | **{}** | {} | {} / {} B | {} | {} | {} | {} | {} | {} |",
+                s.mode.as_str(),
+                s.n,
+                pm(&ep),
+                pm(&apply),
+                last.chains,
+                last.bytes,
+                pm(&tot(&s.weft.add)),
+                pm(&tot(&s.weft.remove)),
+                pm(&tot(&s.weft.noop)),
+                pm(&s.peer.partial_ms),
+                ratio_partial,
+                ratio_full(p50(&ep), &s.peer)
+            )?;
+        }
+        writeln!(r)?;
 
-    writeln!(
+        writeln!(
         r,
         "Where an endpoint change goes (p50 of each part; iptables-restore: the apply's input replayed on its own right after the apply; the rest of the apply: rendering and comparing the changed Service, the shared chains, spawning; CPU: of the iptables processes during the apply, user / system, mean per change, sampled at the scheduler tick):\n"
     )?;
-    writeln!(
+        writeln!(
         r,
         "| mode | N | plan build | apply | of which iptables-restore | rest of apply | weft total | weft iptables CPU | peer partial iptables CPU |"
     )?;
-    writeln!(r, "|---|---|---|---|---|---|---|---|---|")?;
-    for s in results {
-        let e = &s.weft.endpoint;
-        let col = |f: &dyn Fn(&Step) -> f64| p50(&e.iter().map(f).collect::<Vec<_>>());
-        // CPU times are sampled at the scheduler tick: a mean, not a median.
-        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let replay = |x: &Step| x.replay_ms.unwrap_or(f64::NAN);
-        writeln!(
-            r,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            s.mode.as_str(),
-            s.n,
-            fmt_ms(col(&|x| x.build_ms)),
-            fmt_ms(col(&|x| x.apply_ms)),
-            fmt_ms(col(&replay)),
-            fmt_ms(col(&|x| x.apply_ms - replay(x))),
-            fmt_ms(col(&Step::total)),
-            cpu(
-                mean(e.iter().map(|x| x.tool_user_ms).collect()),
-                mean(e.iter().map(|x| x.tool_sys_ms).collect())
-            ),
-            if s.peer.partial_ms.is_empty() {
-                "-".to_string()
-            } else {
-                cpu(
-                    mean(s.peer.partial_user_ms.clone()),
-                    mean(s.peer.partial_sys_ms.clone()),
-                )
-            }
-        )?;
-    }
-    writeln!(r)?;
-
-    let biggest = results.iter().map(|s| s.n).max().unwrap_or(0);
-    writeln!(r, "| target | mode | measured (p50 / max) | met? |")?;
-    writeln!(r, "|---|---|---|---|")?;
-    for s in results.iter().filter(|s| s.n == biggest) {
-        let ep = tot(&s.weft.endpoint);
-        let all: Vec<f64> = s
-            .weft
-            .endpoint
-            .iter()
-            .chain(&s.weft.add)
-            .chain(&s.weft.remove)
-            .map(Step::total)
-            .collect();
-        for (what, v) in [
-            ("endpoint change", &ep),
-            ("any of endpoint change, add, remove", &all),
-        ] {
+        writeln!(r, "|---|---|---|---|---|---|---|---|---|")?;
+        for s in results {
+            let e = &s.weft.endpoint;
+            let col = |f: &dyn Fn(&Step) -> f64| p50(&e.iter().map(f).collect::<Vec<_>>());
+            // CPU times are sampled at the scheduler tick: a mean, not a median.
+            let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let replay = |x: &Step| x.replay_ms.unwrap_or(f64::NAN);
             writeln!(
+                r,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.mode.as_str(),
+                s.n,
+                fmt_ms(col(&|x| x.build_ms)),
+                fmt_ms(col(&|x| x.apply_ms)),
+                fmt_ms(col(&replay)),
+                fmt_ms(col(&|x| x.apply_ms - replay(x))),
+                fmt_ms(col(&Step::total)),
+                cpu(
+                    mean(e.iter().map(|x| x.tool_user_ms).collect()),
+                    mean(e.iter().map(|x| x.tool_sys_ms).collect())
+                ),
+                if s.peer.partial_ms.is_empty() {
+                    "-".to_string()
+                } else {
+                    cpu(
+                        mean(s.peer.partial_user_ms.clone()),
+                        mean(s.peer.partial_sys_ms.clone()),
+                    )
+                }
+            )?;
+        }
+        writeln!(r)?;
+
+        let biggest = results.iter().map(|s| s.n).max().unwrap_or(0);
+        writeln!(r, "| target | mode | measured (p50 / max) | met? |")?;
+        writeln!(r, "|---|---|---|---|")?;
+        for s in results.iter().filter(|s| s.n == biggest) {
+            let ep = tot(&s.weft.endpoint);
+            let all: Vec<f64> = s
+                .weft
+                .endpoint
+                .iter()
+                .chain(&s.weft.add)
+                .chain(&s.weft.remove)
+                .map(Step::total)
+                .collect();
+            for (what, v) in [
+                ("endpoint change", &ep),
+                ("any of endpoint change, add, remove", &all),
+            ] {
+                writeln!(
                 r,
                 "| a single change at {} Services applied in <= 100 ms ({what}) | {} | **{} / {}** | {} |",
                 s.n,
@@ -1661,128 +2656,562 @@ fn report(
                     "**no**"
                 }
             )?;
+            }
         }
-    }
-    writeln!(r)?;
+        writeln!(r)?;
 
-    let each = |f: &dyn Fn(&SizeResult) -> String| {
-        results
-            .iter()
-            .map(|s| format!("{} {}: {}", s.mode.as_str(), s.n, f(s)))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    writeln!(
-        r,
-        "Plan build of the whole view before the full sync: {}.  ",
-        each(&|s| fmt_ms(s.weft.build_ms))
-    )?;
-    writeln!(
-        r,
-        "Generating the peer's text: {}.  ",
-        each(&|s| fmt_ms(s.peer.generate_ms))
-    )?;
-    writeln!(
-        r,
-        "Restore input, full: {}.  ",
-        each(&|s| format!(
-            "weft {:.1} MB, peer {:.1} MB, peer partial {:.2} MB",
-            s.weft.full_bytes as f64 / 1e6,
-            s.peer.bytes as f64 / 1e6,
-            s.peer.partial_bytes as f64 / 1e6
-        ))
-    )?;
-    let stopped: Vec<String> = results
-        .iter()
-        .filter_map(|s| {
-            s.peer
-                .loaded_ms
-                .map(|v| format!("{} {}: {}", s.mode.as_str(), s.n, fmt_ms(v)))
-        })
-        .collect();
-    if !stopped.is_empty() {
+        let each = |f: &dyn Fn(&SizeResult) -> String| {
+            results
+                .iter()
+                .map(|s| format!("{} {}: {}", s.mode.as_str(), s.n, f(s)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         writeln!(
+            r,
+            "Plan build of the whole view before the full sync: {}.  ",
+            each(&|s| fmt_ms(s.weft.build_ms))
+        )?;
+        writeln!(
+            r,
+            "Generating the peer's text: {}.  ",
+            each(&|s| fmt_ms(s.peer.generate_ms))
+        )?;
+        writeln!(
+            r,
+            "Restore input, full: {}.  ",
+            each(&|s| format!(
+                "weft {:.1} MB, peer {:.1} MB, peer partial {:.2} MB",
+                s.weft.full_bytes as f64 / 1e6,
+                s.peer.bytes as f64 / 1e6,
+                s.peer.partial_bytes as f64 / 1e6
+            ))
+        )?;
+        let stopped: Vec<String> = results
+            .iter()
+            .filter_map(|s| {
+                s.peer
+                    .loaded_ms
+                    .map(|v| format!("{} {}: {}", s.mode.as_str(), s.n, fmt_ms(v)))
+            })
+            .collect();
+        if !stopped.is_empty() {
+            writeln!(
             r,
             "Peer full restores stopped at the limit: the same rules were then loaded with a flushing restore (no `--noflush`) and the jumps, untimed for the tables, for the partial restores: {}.  ",
             stopped.join("; ")
         )?;
-    }
-    writeln!(
-        r,
-        "Emptying the tables afterwards (weft / peer): {}.\n",
-        each(&|s| format!(
-            "{} / {}",
-            if s.weft.flush_ms > 0.0 {
-                fmt_ms(s.weft.flush_ms)
-            } else {
-                "- (kept for the latency phase)".to_string()
-            },
-            fmt_ms(s.peer.flush_ms)
-        ))
-    )?;
-
-    if let Some(l) = latency {
+        }
         writeln!(
             r,
-            "New-connection latency ({} mode, rules by weft in the node namespace; {} timed blocking connect()s per row, targets alternating; microseconds):\n",
-            l.mode.as_str(),
-            args.connects
+            "Emptying the tables afterwards (weft / peer): {}.\n",
+            each(&|s| format!(
+                "{} / {}",
+                if s.weft.flush_ms > 0.0 {
+                    fmt_ms(s.weft.flush_ms)
+                } else {
+                    "- (kept for the latency phase)".to_string()
+                },
+                fmt_ms(s.peer.flush_ms)
+            ))
         )?;
-        writeln!(r, "| rules in the node | target | p50 | p90 | p99 | max |")?;
-        writeln!(r, "|---|---|---|---|---|---|")?;
-        for (phase, target, s) in &l.rows {
+    }
+
+    if !ebpf.runs.is_empty() {
+        report_ebpf(&mut r, args, host_mode, results, ebpf)?;
+    }
+    let mut rows: Vec<&LatRow> = Vec::new();
+    if let Some(l) = latency {
+        rows.extend(&l.rows);
+    }
+    rows.extend(&ebpf.rows);
+    if !rows.is_empty() {
+        report_latency(&mut r, args, &rows, latency, ebpf)?;
+    }
+    Ok(r)
+}
+
+/// "a" or "a–b" for a range of counts.
+fn range(v: impl IntoIterator<Item = usize>) -> String {
+    let v: Vec<usize> = v.into_iter().collect();
+    match (v.iter().min(), v.iter().max()) {
+        (Some(a), Some(b)) if a == b => a.to_string(),
+        (Some(a), Some(b)) => format!("{a}–{b}"),
+        _ => "-".into(),
+    }
+}
+
+fn report_ebpf(
+    r: &mut String,
+    args: &Args,
+    host_mode: Mode,
+    results: &[SizeResult],
+    e: &EbpfResults,
+) -> anyhow::Result<()> {
+    // weft's iptables run at the same size in this run (the host's mode first).
+    let ipt = |n: usize| {
+        results
+            .iter()
+            .find(|s| s.n == n && s.mode == host_mode)
+            .or_else(|| results.iter().find(|s| s.n == n))
+    };
+    let pm = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} / {}", fmt_fine(p50(v)), fmt_fine(max(v)))
+        }
+    };
+    let tot = |v: &[EbpfStep]| v.iter().map(EbpfStep::total).collect::<Vec<_>>();
+    writeln!(
+        r,
+        "eBPF dataplane, full sync onto empty maps (a fresh bpffs per size; load + attach: `Kernel::open`, which loads and verifies the programs and attaches them to the cgroup through pinned links; full sync: `Reconciler::apply` of `PlanBuilder::build`'s plan; every frontend and backend entry was then checked in the maps; one write: existing entries written again with their own value, mean of up to 2,000; floor: the full sync's writes x one backend write; iptables: weft's full sync (its first `apply`) at the same N in this run):\n"
+    )?;
+    writeln!(
+        r,
+        "| N | frontend / backend entries | load + attach | plan build | **full sync** | map writes | one write, backends / services map | floor: writes x one write | full sync / floor | reading the maps back | weft iptables full sync | eBPF / iptables | restart: total (load + replace links / read maps / adopt / build / apply), writes |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for x in &e.runs {
+        let floor = x.full_writes as f64 * x.write_backend_us / 1e3;
+        let (ipt_full, ratio) = match ipt(x.n) {
+            Some(s) => (
+                format!("{} ({})", fmt_fine(s.weft.full_ms), s.mode.as_str()),
+                format!("**{:.4}x**", x.full_ms / s.weft.full_ms),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let rs = &x.restart;
+        let restart = match &x.restart_error {
+            Some(e) => format!("**failed**: {e}"),
+            None => format!(
+                "{} ({} / {} / {} / {} / {}), {} writes",
+                fmt_fine(rs.total()),
+                fmt_fine(rs.open_ms),
+                fmt_fine(rs.image_ms),
+                fmt_fine(rs.adopt_ms),
+                fmt_fine(rs.build_ms),
+                fmt_fine(rs.apply_ms),
+                rs.writes
+            ),
+        };
+        writeln!(
+            r,
+            "| {} | {} / {} | {} | {} | **{}** | {} | {:.2} µs / {:.2} µs | {} | {:.2}x | {} | {} | {} | {} |",
+            x.n,
+            x.frontends,
+            x.backends,
+            fmt_fine(x.open_ms),
+            fmt_fine(x.build_ms),
+            fmt_fine(x.full_ms),
+            x.full_writes,
+            x.write_backend_us,
+            x.write_service_us,
+            fmt_fine(floor),
+            x.full_ms / floor,
+            fmt_fine(x.image_ms),
+            ipt_full,
+            ratio,
+            restart
+        )?;
+    }
+    writeln!(r)?;
+    writeln!(
+        r,
+        "eBPF single changes, each timed as the agent's driver pays a stream delta: `PlanBuilder::update` by the changed (namespace, name) key, `Reconciler::apply` (which then looks at that Service only), and the cleanup `EbpfDataplane::program` runs after it for backends no set holds any more (north-south connection map purged, connected UDP sockets to them destroyed in the node namespace). An endpoint change writes the Service's new backend set, switches its frontend entries to it and deletes the old set. iptables: weft's endpoint change at the same N in this run (plan rebuilt from the whole view, then `apply`). p50 / max:\n"
+    )?;
+    writeln!(
+        r,
+        "| N | **eBPF endpoint change** | of which plan update / apply / cleanup (p50) | map writes | floor: writes x one write | change / floor (p50) | add Service (writes) | remove Service (writes) | no-op | weft iptables endpoint change | eBPF / iptables (p50) |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for x in &e.runs {
+        let ep = tot(&x.endpoint);
+        let col = |f: &dyn Fn(&EbpfStep) -> f64| p50(&x.endpoint.iter().map(f).collect::<Vec<_>>());
+        let writes = p50(&x
+            .endpoint
+            .iter()
+            .map(|s| s.writes as f64)
+            .collect::<Vec<_>>());
+        let floor = writes * x.write_backend_us / 1e3;
+        let (ipt_ep, ratio) = match ipt(x.n) {
+            Some(s) => {
+                let v: Vec<f64> = s.weft.endpoint.iter().map(Step::total).collect();
+                (
+                    format!("{} ({})", pm(&v), s.mode.as_str()),
+                    format!("**{:.4}x**", p50(&ep) / p50(&v)),
+                )
+            }
+            None => ("-".into(), "-".into()),
+        };
+        writeln!(
+            r,
+            "| {} | **{}** | {} / {} / {} | {} | {} | {:.1}x | {} ({}) | {} ({}) | {} | {} | {} |",
+            x.n,
+            pm(&ep),
+            fmt_fine(col(&|s| s.plan_ms)),
+            fmt_fine(col(&|s| s.apply_ms)),
+            fmt_fine(col(&|s| s.cleanup_ms)),
+            range(x.endpoint.iter().map(|s| s.writes)),
+            fmt_fine(floor),
+            p50(&ep) / floor,
+            pm(&tot(&x.add)),
+            range(x.add.iter().map(|s| s.writes)),
+            pm(&tot(&x.remove)),
+            range(x.remove.iter().map(|s| s.writes)),
+            pm(&tot(&x.noop)),
+            ipt_ep,
+            ratio
+        )?;
+    }
+    writeln!(r)?;
+    if let Some(big) = e.runs.iter().max_by_key(|x| x.n) {
+        let ep = tot(&big.endpoint);
+        let all: Vec<f64> = big
+            .endpoint
+            .iter()
+            .chain(&big.add)
+            .chain(&big.remove)
+            .map(EbpfStep::total)
+            .collect();
+        writeln!(r, "| target | dataplane | measured (p50 / max) | met? |")?;
+        writeln!(r, "|---|---|---|---|")?;
+        for (what, v) in [
+            ("endpoint change", &ep),
+            ("any of endpoint change, add, remove", &all),
+        ] {
             writeln!(
                 r,
-                "| {phase} | {target} | **{:.0}** | {:.0} | **{:.0}** | {:.0} |",
-                s.p50, s.p90, s.p99, s.max
+                "| one change at {} Services applied in <= 5 ms ({what}; plan update + apply + cleanup) | eBPF | **{} / {}** | {} |",
+                big.n,
+                fmt_fine(p50(v)),
+                fmt_fine(max(v)),
+                verdict_le(p50(v), max(v), 5.0)
             )?;
         }
         writeln!(r)?;
-        let find = |phase: &str, target: &str| {
-            l.rows
-                .iter()
-                .find(|(p, t, _)| p.starts_with(phase) && *t == target)
-                .map(|(_, _, s)| *s)
-        };
-        let big = format!("{} Services", l.services);
-        if let (Some(c), Some(p), Some(base)) = (
-            find(&big, "cluster IP"),
-            find(&big, "pod IP"),
-            find("no rules", "pod IP"),
-        ) {
-            writeln!(r, "| ratio | p50 | p99 |")?;
-            writeln!(r, "|---|---|---|")?;
+    }
+    for x in &e.runs {
+        let all = [
+            ("no-op", &x.noop),
+            ("endpoint change", &x.endpoint),
+            ("add", &x.add),
+            ("remove", &x.remove),
+        ];
+        let slowest = all
+            .iter()
+            .flat_map(|(kind, v)| v.iter().map(move |s| (*kind, s)))
+            .max_by(|a, b| a.1.total().total_cmp(&b.1.total()));
+        let faults: u64 = all
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .map(|s| s.majflt)
+            .sum();
+        if let Some((kind, s)) = slowest {
             writeln!(
                 r,
-                "| cluster IP at {big} / pod IP at {big} | **{:.2}x** | {:.2}x |",
-                c.p50 / p.p50,
-                c.p99 / p.p99
+                "N = {}: the slowest step was a {kind}, {} (plan update {} / apply {} / cleanup {}), with {} major page faults; {faults} in all the steps.  ",
+                x.n,
+                fmt_fine(s.total()),
+                fmt_fine(s.plan_ms),
+                fmt_fine(s.apply_ms),
+                fmt_fine(s.cleanup_ms),
+                s.majflt
             )?;
-            writeln!(
-                r,
-                "| cluster IP at {big} / pod IP with no rules | **{:.2}x** | {:.2}x |",
-                c.p50 / base.p50,
-                c.p99 / base.p99
-            )?;
-            if let Some(one) = find("probe Service only", "cluster IP") {
-                writeln!(
-                    r,
-                    "| cluster IP, probe Service only / pod IP with no rules | {:.2}x | {:.2}x |",
-                    one.p50 / base.p50,
-                    one.p99 / base.p99
-                )?;
-            }
-            writeln!(r)?;
         }
+    }
+    writeln!(
+        r,
+        "{} endpoint changes, {} additions, {} removals and 3 no-ops per size; the restart opens the same bpffs again (the programs replaced in their pinned links), reads and adopts the maps and applies a full plan from a new `PlanBuilder`: a restart that finds the maps right writes nothing.\n",
+        args.changes, args.adds, args.adds
+    )?;
+    Ok(())
+}
+
+/// "yes" when the max is within `limit`, "p50 yes, max no" when only the p50 is.
+fn verdict_le(p50: f64, max: f64, limit: f64) -> &'static str {
+    if max <= limit {
+        "yes"
+    } else if p50 <= limit {
+        "p50 yes, max **no**"
+    } else {
+        "**no**"
+    }
+}
+
+fn report_latency(
+    r: &mut String,
+    args: &Args,
+    rows: &[&LatRow],
+    latency: Option<&LatencyRun>,
+    e: &EbpfResults,
+) -> anyhow::Result<()> {
+    let mut combos: Vec<(RrMode, RrProto)> = rows
+        .iter()
+        .flat_map(|x| x.rr.iter().map(|(m, p, _)| (*m, *p)))
+        .collect();
+    combos.sort();
+    combos.dedup();
+    let mut modes: Vec<RrMode> = combos.iter().map(|c| c.0).collect();
+    modes.dedup();
+    writeln!(
+        r,
+        "Latency through the node (namespaces client -> node -> server; iptables: weft's rules in the node; eBPF: its own topology, never any iptables rule in it, the client in the programs' cgroup unless the target says otherwise). New connections: {} timed blocking connect()s per row, the phase's targets alternating, each on its client's thread; microseconds:\n",
+        args.connects
+    )?;
+    writeln!(
+        r,
+        "| dataplane | in the node | target | connect p50 | p90 | p99 | max |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|")?;
+    for x in rows {
         writeln!(
             r,
-            "The {big} case is the weft run of the tables above ({} mode, N = {}), measured right after its full sync (before its changes); the probe-only case is a first apply of the probe alone after that run, the tables emptied first ({}).",
+            "| {} | {} | {} | **{:.0}** | {:.0} | **{:.0}** | {:.0} |",
+            x.dataplane,
+            x.phase,
+            x.target,
+            x.connect.p50,
+            x.connect.p90,
+            x.connect.p99,
+            x.connect.max
+        )?;
+    }
+    writeln!(r)?;
+    for mode in &modes {
+        let protos: Vec<RrProto> = combos
+            .iter()
+            .filter(|c| c.0 == *mode)
+            .map(|c| c.1)
+            .collect();
+        writeln!(
+            r,
+            "Request/response, {} (`sockperf ping-pong`{}, {} rounds x {} s per row and protocol, the phase's targets alternating in each round, {}-byte messages, one in flight; every round trip of the runs' valid periods, microseconds; the mean round trip is the inverse of the transaction rate; the ratios below compare rates at the median round trip):\n",
+            mode.as_str(),
+            if *mode == RrMode::BusyPoll {
+                " and `sockperf server` with `--nonblocked`: both poll their socket in a loop"
+            } else {
+                ", blocking receives"
+            },
+            args.rr_rounds,
+            args.rr_secs,
+            args.rr_msg_size
+        )?;
+        let mut head = String::from("| dataplane | in the node | target |");
+        let mut line = String::from("|---|---|---|");
+        for p in &protos {
+            let p = p.as_str();
+            let _ = write!(head, " {p} p50 | {p} p99 | {p} mean |");
+            line.push_str("---|---|---|");
+        }
+        writeln!(r, "{head}\n{line}")?;
+        for x in rows {
+            let mut l = format!("| {} | {} | {} |", x.dataplane, x.phase, x.target);
+            for p in &protos {
+                match x.rr.iter().find(|(m, q, _)| m == mode && q == p) {
+                    Some((_, _, rr)) => {
+                        let _ = write!(
+                            l,
+                            " **{:.2}** | {:.1} | {:.2} |",
+                            rr.s.p50, rr.s.p99, rr.mean
+                        );
+                    }
+                    None => l.push_str(" - | - | - |"),
+                }
+            }
+            writeln!(r, "{l}")?;
+        }
+        writeln!(r)?;
+    }
+
+    let find = |ebpf: bool, services: usize, target: &str| {
+        rows.iter()
+            .find(|x| {
+                (x.dataplane == "eBPF") == ebpf && x.services == services && x.target == target
+            })
+            .copied()
+    };
+    let rr_of = |x: &LatRow, m: RrMode, p: RrProto| {
+        x.rr.iter()
+            .find(|(n, q, _)| *n == m && *q == p)
+            .map(|(_, _, rr)| *rr)
+    };
+    writeln!(r, "| ratio | measured | target | met? |")?;
+    writeln!(r, "|---|---|---|---|")?;
+    // Request/response: ratio of rates = direct round trip / cluster IP round
+    // trip, at the median (the mean, shown beside it, is at the mercy of rare
+    // preemptions of the polling processes on a small machine).
+    let rate_row = |r: &mut String,
+                    what: &str,
+                    c: Option<&LatRow>,
+                    d: Option<&LatRow>,
+                    target: Option<f64>|
+     -> anyhow::Result<()> {
+        let (Some(c), Some(d)) = (c, d) else {
+            return Ok(());
+        };
+        for (m, p) in &combos {
+            let (Some(a), Some(b)) = (rr_of(c, *m, *p), rr_of(d, *m, *p)) else {
+                continue;
+            };
+            let rate = b.s.p50 / a.s.p50;
+            writeln!(
+                r,
+                "| {what}: {} {} request/response rate (by p50 round trip; by mean) | **{rate:.3}x** ({:.3}x) | {} | {} |",
+                m.as_str(),
+                p.as_str(),
+                b.mean / a.mean,
+                target.map_or("(reference)".into(), |t| format!(">= {t}x")),
+                match target {
+                    Some(t) if rate >= t => "yes",
+                    Some(_) => "**no**",
+                    None => "",
+                }
+            )?;
+        }
+        Ok(())
+    };
+    let n = e.latency_services;
+    let outside = "pod IP, client outside the cgroup";
+    let phases = |n: usize| {
+        [
+            (n, format!("{n} Services")),
+            (1, "the probe alone".to_string()),
+        ]
+    };
+    if n > 0 {
+        for (services, phase) in phases(n) {
+            rate_row(
+                r,
+                &format!("eBPF cluster IP / pod IP with no programs, {phase}"),
+                find(true, services, "cluster IP"),
+                find(true, services, outside),
+                Some(0.95),
+            )?;
+        }
+        for (services, phase) in phases(n) {
+            rate_row(
+                r,
+                &format!("eBPF cluster IP / pod IP from the cgroup, {phase}"),
+                find(true, services, "cluster IP"),
+                find(true, services, "pod IP"),
+                None,
+            )?;
+        }
+    }
+    if let Some(l) = latency {
+        let m = l.services;
+        for (services, phase) in phases(m) {
+            rate_row(
+                r,
+                &format!("iptables cluster IP / pod IP, {phase} in the rules"),
+                find(false, services, "cluster IP"),
+                find(false, services, "pod IP"),
+                None,
+            )?;
+        }
+        rate_row(
+            r,
+            &format!("iptables cluster IP at {m} Services / pod IP with no rules"),
+            find(false, m, "cluster IP"),
+            find(false, 0, "pod IP"),
+            None,
+        )?;
+    }
+    let conn = |r: &mut String,
+                what: String,
+                a: Option<&LatRow>,
+                b: Option<&LatRow>,
+                target: Option<f64>|
+     -> anyhow::Result<()> {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Ok(());
+        };
+        let q = a.connect.p50 / b.connect.p50;
+        writeln!(
+            r,
+            "| {what}: new connection p50 (p99) | {} ({:.2}x) | {} | {} |",
+            if target.is_some() {
+                format!("**{q:.2}x**")
+            } else {
+                format!("{q:.2}x")
+            },
+            a.connect.p99 / b.connect.p99,
+            target.map_or("(reference)".into(), |t| format!("<= {t}x")),
+            match target {
+                Some(t) if q <= t => "yes",
+                Some(_) => "**no**",
+                None => "",
+            }
+        )?;
+        Ok(())
+    };
+    if n > 0 {
+        conn(
+            r,
+            format!("eBPF cluster IP, {n} Services / the probe alone"),
+            find(true, n, "cluster IP"),
+            find(true, 1, "cluster IP"),
+            Some(1.1),
+        )?;
+        for (services, phase) in phases(n) {
+            conn(
+                r,
+                format!("eBPF cluster IP / pod IP with no programs, {phase}"),
+                find(true, services, "cluster IP"),
+                find(true, services, outside),
+                None,
+            )?;
+        }
+    }
+    if let Some(l) = latency {
+        let m = l.services;
+        conn(
+            r,
+            format!("iptables cluster IP, {m} Services / the probe alone"),
+            find(false, m, "cluster IP"),
+            find(false, 1, "cluster IP"),
+            Some(1.1),
+        )?;
+        for (services, phase) in phases(m) {
+            conn(
+                r,
+                format!("iptables cluster IP / pod IP, {phase} in the rules"),
+                find(false, services, "cluster IP"),
+                find(false, services, "pod IP"),
+                None,
+            )?;
+        }
+        conn(
+            r,
+            format!("iptables cluster IP at {m} Services / pod IP with no rules"),
+            find(false, m, "cluster IP"),
+            find(false, 0, "pod IP"),
+            None,
+        )?;
+    }
+    writeln!(r)?;
+    if let Some(l) = latency {
+        writeln!(
+            r,
+            "iptables ({} mode): the {} Services case is the weft run of the tables above (N = {}), measured right after its full sync (before its changes); the probe-only case is a first apply of the probe alone after that run, the tables emptied first ({}).  ",
             l.mode.as_str(),
+            l.services,
             l.services,
             fmt_ms(l.probe_apply_ms)
         )?;
     }
-    Ok(r)
+    if n > 0 {
+        writeln!(
+            r,
+            "eBPF: in the eBPF run above at N = {n}, right after its full sync, the maps alternated {} times between the {n} Services and the probe alone (reconciled down: {}; and back up), each state measured for its share of the connects and one sockperf round per turn, so both states met the same machine.",
+            args.rr_rounds.max(1),
+            e.probe_only
+                .map(|(t, w)| format!("{}, {w} writes", fmt_ms(t)))
+                .unwrap_or_else(|| "-".into())
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1810,6 +3239,42 @@ mod tests {
         for l in full.lines().filter(|l| l.starts_with(':')) {
             assert!(l.len() - ":".len() - " - [0:0]".len() <= 28, "{l}");
         }
+    }
+
+    #[test]
+    fn backends_are_distinct() {
+        let mut seen = BTreeSet::new();
+        for i in 0..10_000 {
+            for b in bench_service(i, 10).backends {
+                assert!(seen.insert((b.ip, b.ports[0].port)), "{i}: {}", b.ip);
+            }
+        }
+        let plan = build(&bench_view(10_000, 10), &plan_config());
+        // 9,999 Services of 10 endpoints and the probe's 2 sets of 1.
+        assert_eq!(expected_entries(&plan).1, 99_992);
+    }
+
+    #[test]
+    fn probe_serves_connects_and_sockperf() {
+        let plan = build(&view_of([probe_service(1000)]), &plan_config());
+        let probe = &plan.services[0];
+        let ports: Vec<(Protocol, u16)> = probe
+            .frontends
+            .iter()
+            .map(|f| (f.protocol, f.port))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Protocol::TCP, PORT),
+                (Protocol::TCP, RR_PORT),
+                (Protocol::UDP, RR_PORT)
+            ]
+        );
+        assert!(probe.backends.iter().all(|b| b.cluster.len() == 1));
+        // A socket and an external entry per frontend; one backend set per
+        // distinct content (8081 serves TCP and UDP from one set).
+        assert_eq!(expected_entries(&plan), (6, 2));
     }
 
     #[test]

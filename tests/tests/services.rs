@@ -389,21 +389,29 @@ fn cluster_ips_node_ports_affinity_and_type_changes(dp: Dataplane) -> Result<()>
             std::fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
         }
     }
-    eventually(
-        "rules restored after a flush",
+    // Wait for the agent to notice (its check tick) rather than for traffic
+    // alone: with eBPF, the TC program still translates pod packets while
+    // the socket programs are detached, so traffic may never stop.
+    let after = eventually(
+        "the damage noticed and repaired",
         Duration::from_secs(30),
         || {
-            reaches(&node0, vip, 80, &web_names)?;
-            Ok(())
+            let (_, metrics) = http_status(&node0, node_ip[0], 10256, "/metrics")?;
+            let after = metric(&metrics, "weft_full_resyncs_total{reason=\"damage\"}")?;
+            ensure!(
+                after > before,
+                "no damage resync counted yet ({before} -> {after})"
+            );
+            if dp == Dataplane::Ebpf {
+                let link = c.nodes[0].bpffs.join("links").join("weft_connect4");
+                ensure!(link.exists(), "{} not pinned again", link.display());
+            }
+            Ok(after)
         },
     )?;
-    let (_, metrics) = http_status(&node0, node_ip[0], 10256, "/metrics")?;
-    let after = metric(&metrics, "weft_full_resyncs_total{reason=\"damage\"}")?;
-    ensure!(
-        after > before,
-        "no damage resync counted ({before} -> {after})"
-    );
+    reaches(&node0, vip, 80, &web_names)?;
     reaches(&c1.netns, vip, 80, &web_names)?;
+    println!("damage resyncs counted: {before} -> {after}");
     println!(
         "damage repaired; health and metrics: ok ({:.1}s)",
         t0.elapsed().as_secs_f64()

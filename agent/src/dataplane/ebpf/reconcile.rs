@@ -231,7 +231,13 @@ impl Reconciler {
                 backends: list.into_iter().map(|(_, b)| b).collect(),
                 maglev: image.maglev.contains_key(&id),
             };
-            if contiguous && !r.sets.contains_key(&spec) {
+            // A table must be the one this content computes (an agent killed
+            // while writing a set leaves a table for the whole set and only
+            // part of its backends).
+            let table_ok = !spec.maglev
+                || maglev_indices(&spec).ok().as_deref()
+                    == image.maglev.get(&id).map(Vec::as_slice);
+            if contiguous && table_ok && !r.sets.contains_key(&spec) {
                 for b in &spec.backends {
                     *r.backend_sets.entry((b.addr_be, b.port_be)).or_insert(0) += 1;
                 }
@@ -473,23 +479,9 @@ impl Reconciler {
                     .set()
                     .ok_or(ReconcileError::Exhausted { what: "set" })?;
                 if set.maglev {
-                    let names: Vec<String> = set
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            format!(
-                                "{}:{}",
-                                super::encode::addr_of(b.addr_be),
-                                u16::from_be(b.port_be)
-                            )
-                        })
-                        .collect();
-                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                    let indices = maglev::table(&refs, MAGLEV_TABLE_SIZE).map_err(|source| {
-                        ReconcileError::Maglev {
-                            backends: refs.len(),
-                            source,
-                        }
+                    let indices = maglev_indices(set).map_err(|source| ReconcileError::Maglev {
+                        backends: set.backends.len(),
+                        source,
                     })?;
                     let mut table = MaglevTable {
                         indices: [0; MAGLEV_TABLE_SIZE as usize],
@@ -766,6 +758,23 @@ impl Reconciler {
     pub fn frontends(&self) -> usize {
         self.programmed.len()
     }
+}
+
+/// The Maglev table of a set (indices into its backends).
+fn maglev_indices(set: &SetSpec) -> Result<Vec<u32>, maglev::MaglevError> {
+    let names: Vec<String> = set
+        .backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{}",
+                super::encode::addr_of(b.addr_be),
+                u16::from_be(b.port_be)
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    maglev::table(&refs, MAGLEV_TABLE_SIZE)
 }
 
 /// What the programs decide for `key` from the maps' contents: the same

@@ -458,6 +458,12 @@ pub fn remove_pins(bpffs: &Path) -> std::io::Result<bool> {
     let links = bpffs.join("links");
     let mut found = false;
     if links.exists() {
+        // Detach first: removing the pins alone frees the links later.
+        for e in std::fs::read_dir(&links)?.flatten() {
+            if let Err(err) = detach_link(&e.path()) {
+                tracing::warn!(pin = %e.path().display(), %err, "detaching a pinned link");
+            }
+        }
         std::fs::remove_dir_all(&links)?;
         found = true;
     }
@@ -498,8 +504,71 @@ fn replace_in_link(pin: &Path, prog_fd: i32) -> Result<(), KernelError> {
         path: pin.to_path_buf(),
         source,
     };
+    let link = obj_get(pin).map_err(err)?;
+    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf(2) reads `size` bytes of a valid attr; no fd is returned.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// BPF_LINK_DETACH the pinned link: the program leaves its hook now. (Only
+/// unlinking the pin detaches it later, once the kernel frees the inode
+/// after an RCU grace period and a work item, so traffic could still be
+/// translated right after a switch away from eBPF.)
+fn detach_link(pin: &Path) -> std::io::Result<()> {
+    let link = obj_get(pin)?;
+    // union bpf_attr for BPF_LINK_DETACH: link_fd (+ zeroed tail).
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _pad: u32,
+    }
+    let attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    // SAFETY: bpf(2) reads `size` bytes of a valid attr; no fd is returned.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// BPF_OBJ_GET: a new fd for the object pinned at `pin`.
+fn obj_get(pin: &Path) -> std::io::Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
     // The kernel rejects (EINVAL) an attr whose bytes past the command's
     // fields are not zero: the tail padding is an explicit, zeroed field.
@@ -528,41 +597,15 @@ fn replace_in_link(pin: &Path, prog_fd: i32) -> Result<(), KernelError> {
         )
     };
     if fd < 0 {
-        return Err(err(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // union bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let attr = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog_fd as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: as above; no fd is returned.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 const BPF_OBJ_GET: i64 = 7;
 const BPF_LINK_UPDATE: i64 = 29;
+const BPF_LINK_DETACH: i64 = 34;
 
 /// The kernel's answer to a delete of a key that is not there: fine (deletes
 /// are idempotent; an LRU or a concurrent agent may have removed it).

@@ -58,6 +58,7 @@ pub fn config() -> PlanConfig {
         localhost_node_ports: false,
         external_ip_allow: vec!["198.19.255.0/24".parse().expect("fixture CIDR")],
         cluster_cidr: CLUSTER_CIDR.parse().expect("fixture CIDR"),
+        local_dns: None,
     }
 }
 

@@ -25,6 +25,10 @@ pub struct PlanConfig {
     pub external_ip_allow: Vec<IpNetwork>,
     /// The pod CIDR: dataplanes tell pod sources from others by it.
     pub cluster_cidr: IpNetwork,
+    /// The cluster DNS address the agent serves itself (a local address of
+    /// the node): its port 53 frontends are not translated, whatever
+    /// Service claims that address.
+    pub local_dns: Option<IpAddr>,
 }
 
 /// How a frontend is reached.
@@ -329,6 +333,9 @@ fn plan_service(
     let mut backends = Vec::new();
     for (i, port) in svc.ports.iter().enumerate() {
         for ip in &svc.cluster_ips {
+            if cfg.local_dns == Some(*ip) && port.port == 53 {
+                continue;
+            }
             frontends.push(Frontend {
                 kind: FrontendKind::ClusterIP,
                 ip: *ip,

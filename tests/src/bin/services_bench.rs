@@ -384,6 +384,7 @@ fn plan_config() -> PlanConfig {
         localhost_node_ports: false,
         external_ip_allow: Vec::new(),
         cluster_cidr: CLUSTER_CIDR.parse().expect("valid CIDR"),
+        local_dns: None,
     }
 }
 

@@ -1,0 +1,509 @@
+//! [`ClusterDns`]: one request in, one response out.
+//!
+//! Checks (in order): a message that is a response, or too short to carry a
+//! header, is dropped (never answered: no reflection loops); one that does
+//! not parse gets FORMERR; an opcode other than QUERY gets NOTIMP; a question
+//! count other than 1 gets FORMERR; EDNS version > 0 gets BADVERS; a class
+//! other than IN, and zone transfers (AXFR/IXFR), get REFUSED.
+//!
+//! Then: names in the cluster zone are answered from the current snapshot
+//! (synchronously, no await: the UDP loop answers them inline); PTR
+//! questions for addresses the cluster knows likewise; the rest goes to the
+//! forwarder. A query for `X.<ns>.svc.<zone>` from a pod of namespace `<ns>`
+//! that does not exist is the first step of the search path `ndots:5`
+//! produces: the server walks the remaining steps itself and answers the
+//! first name that exists with a CNAME to it (server-side search path).
+
+use crate::forward::Forwarder;
+use crate::zone::{self, Answer, Snapshot};
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::CNAME;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// The largest UDP payload the server sends (DNS flag day 2020: 1232 avoids
+/// fragmentation on any path) unless the client asks for less.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// How deep a CNAME chain (ExternalName to a name in the zone …) is followed.
+const MAX_CHAIN: usize = 8;
+
+/// Which transport a request came over (UDP answers are size-limited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Counters, for metrics and `netctl`.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    pub queries: AtomicU64,
+    pub answered_locally: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub search_path_hits: AtomicU64,
+    pub nxdomain: AtomicU64,
+    pub servfail: AtomicU64,
+    pub formerr: AtomicU64,
+    pub notimp: AtomicU64,
+    pub refused: AtomicU64,
+    pub dropped: AtomicU64,
+    pub truncated: AtomicU64,
+}
+
+/// What to do with a request.
+pub enum Outcome {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing (not a query, or not even a header).
+    Drop,
+    /// Needs the forwarder: finish with [`ClusterDns::finish`].
+    Pending(Pending),
+}
+
+/// A parsed request waiting for upstream answers.
+pub struct Pending {
+    request: Message,
+    src: IpAddr,
+    transport: Transport,
+}
+
+/// The cluster DNS request handler.
+pub struct ClusterDns {
+    snapshot: ArcSwap<Snapshot>,
+    forwarder: Option<Arc<Forwarder>>,
+    /// The node's own search domains (from its resolv.conf): the tail of a
+    /// pod's search path, after the cluster's three.
+    host_search: Vec<Name>,
+    pub stats: DnsStats,
+}
+
+impl ClusterDns {
+    pub fn new(
+        snapshot: Snapshot,
+        forwarder: Option<Arc<Forwarder>>,
+        host_search: Vec<Name>,
+    ) -> Self {
+        ClusterDns {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            forwarder,
+            host_search,
+            stats: DnsStats::default(),
+        }
+    }
+
+    /// The snapshot queries are answered from now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Publish a new snapshot: queries that start after this see it.
+    pub fn publish(&self, s: Snapshot) {
+        self.snapshot.store(Arc::new(s));
+    }
+
+    pub fn forwarder(&self) -> Option<&Arc<Forwarder>> {
+        self.forwarder.as_ref()
+    }
+
+    /// Everything that can be decided without waiting: the answer for a
+    /// cluster name, an error, or `Pending` for the forwarder.
+    pub fn respond_now(&self, raw: &[u8], src: IpAddr, transport: Transport) -> Outcome {
+        self.stats.queries.fetch_add(1, Relaxed);
+        // Header: id(2) flags(2) counts(8). QR set = a response: never answer.
+        if raw.len() < 12 || raw[2] & 0x80 != 0 {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return Outcome::Drop;
+        }
+        let id = u16::from_be_bytes([raw[0], raw[1]]);
+        let opcode = (raw[2] >> 3) & 0x0f;
+        let rd = raw[2] & 0x01 != 0;
+        let request = match Message::from_vec(raw) {
+            Ok(m) => m,
+            Err(_) => {
+                let code = if opcode != 0 {
+                    ResponseCode::NotImp
+                } else {
+                    ResponseCode::FormErr
+                };
+                return Outcome::Reply(self.bare_error(id, opcode, rd, code));
+            }
+        };
+        if request.metadata.op_code != OpCode::Query {
+            return Outcome::Reply(self.error(&request, ResponseCode::NotImp, transport));
+        }
+        if request.queries.len() != 1 {
+            return Outcome::Reply(self.error(&request, ResponseCode::FormErr, transport));
+        }
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return Outcome::Reply(self.error(&request, ResponseCode::BADVERS, transport));
+        }
+        let q = &request.queries[0];
+        if q.query_class() != DNSClass::IN
+            || matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+        {
+            return Outcome::Reply(self.error(&request, ResponseCode::Refused, transport));
+        }
+        let snap = self.snapshot.load();
+        match self.local(&snap, q.name(), q.query_type(), src) {
+            Local::Done(answer) => {
+                self.stats.answered_locally.fetch_add(1, Relaxed);
+                Outcome::Reply(self.encode(&request, answer, transport))
+            }
+            Local::Chase(answer) if self.forwarder.is_none() => {
+                // Nothing to resolve the target with: the CNAME alone.
+                let mut answer = answer;
+                answer.chase = None;
+                Outcome::Reply(self.encode(&request, answer, transport))
+            }
+            Local::Chase(_) | Local::Forward | Local::SearchPath if self.forwarder.is_some() => {
+                Outcome::Pending(Pending {
+                    request,
+                    src,
+                    transport,
+                })
+            }
+            Local::SearchPath => {
+                // Without a forwarder the walk covers the zone only.
+                let answer = self.search_path_local(&snap, q.name(), q.query_type(), src);
+                Outcome::Reply(self.encode(&request, answer, transport))
+            }
+            Local::Forward | Local::Chase(_) => {
+                Outcome::Reply(self.error(&request, ResponseCode::Refused, transport))
+            }
+        }
+    }
+
+    /// Finish a pending request (forwarding, chasing, or walking the search
+    /// path through the upstreams).
+    pub async fn finish(&self, p: Pending) -> Vec<u8> {
+        let q = p.request.queries[0].clone();
+        let snap = self.snapshot.load_full();
+        let answer = match self.local(&snap, q.name(), q.query_type(), p.src) {
+            Local::Done(a) => a,
+            Local::Chase(a) => self.chase(&snap, a, q.query_type(), &p.request).await,
+            Local::SearchPath => self.search_path(&snap, &q, p.src, &p.request).await,
+            Local::Forward => {
+                self.stats.forwarded.fetch_add(1, Relaxed);
+                let Some(fwd) = &self.forwarder else {
+                    return self.error(&p.request, ResponseCode::Refused, p.transport);
+                };
+                let resp = fwd.forward(&p.request).await;
+                return self.encode_forwarded(&p.request, resp, p.transport);
+            }
+        };
+        self.encode(&p.request, answer, p.transport)
+    }
+
+    /// Answer raw bytes completely (the forwarder awaited if needed).
+    pub async fn respond(&self, raw: &[u8], src: IpAddr, transport: Transport) -> Option<Vec<u8>> {
+        match self.respond_now(raw, src, transport) {
+            Outcome::Reply(b) => Some(b),
+            Outcome::Drop => None,
+            Outcome::Pending(p) => Some(self.finish(p).await),
+        }
+    }
+
+    fn local(&self, snap: &Snapshot, name: &Name, qtype: RecordType, src: IpAddr) -> Local {
+        if zone::in_zone(&snap.config, name) {
+            let a = snap.lookup(name, qtype);
+            if a.rcode == ResponseCode::NXDomain && self.search_path_applies(snap, name, src) {
+                return Local::SearchPath;
+            }
+            if a.chase.is_some() {
+                return Local::Chase(a);
+            }
+            return Local::Done(a);
+        }
+        if let Some(a) = snap.lookup_reverse(name, qtype) {
+            return Local::Done(a);
+        }
+        Local::Forward
+    }
+
+    /// `X.<ns>.svc.<zone>` asked by a pod of `<ns>`, X not empty.
+    fn search_path_applies(&self, snap: &Snapshot, name: &Name, src: IpAddr) -> bool {
+        let Some(ns) = snap.pod_namespace(src) else {
+            return false;
+        };
+        let zone_labels = snap.config.zone.num_labels() as usize;
+        let total = name.num_labels() as usize;
+        if total < zone_labels + 3 {
+            return false;
+        }
+        let mut labels = name.iter().skip(total - zone_labels - 2);
+        let (Some(l_ns), Some(l_svc)) = (labels.next(), labels.next()) else {
+            return false;
+        };
+        l_svc.eq_ignore_ascii_case(b"svc") && l_ns.eq_ignore_ascii_case(ns.as_bytes())
+    }
+
+    /// The names a pod's resolver would try after `X.<ns>.svc.<zone>`:
+    /// `X.svc.<zone>`, `X.<zone>`, `X.<host search>…`, then `X` itself.
+    fn search_candidates(&self, snap: &Snapshot, name: &Name) -> Vec<Name> {
+        let zone = &snap.config.zone;
+        let total = name.num_labels() as usize;
+        let keep = total - zone.num_labels() as usize - 2;
+        let mut bare = name.trim_to(total).clone();
+        // The first `keep` labels: X.
+        let labels: Vec<&[u8]> = name.iter().take(keep).collect();
+        if let Ok(mut x) = Name::from_labels(labels) {
+            x.set_fqdn(true);
+            bare = x;
+        }
+        let svc_zone = zone.prepend_label("svc").ok();
+        let mut out = Vec::new();
+        for suffix in svc_zone
+            .iter()
+            .chain(std::iter::once(zone))
+            .chain(self.host_search.iter())
+        {
+            if let Ok(n) = bare.clone().append_domain(suffix) {
+                out.push(n);
+            }
+        }
+        out.push(bare);
+        out
+    }
+
+    fn search_path_local(
+        &self,
+        snap: &Snapshot,
+        name: &Name,
+        qtype: RecordType,
+        src: IpAddr,
+    ) -> Answer {
+        let _ = src;
+        for cand in self.search_candidates(snap, name) {
+            if !zone::in_zone(&snap.config, &cand) {
+                continue;
+            }
+            let a = snap.lookup(&cand, qtype);
+            if a.rcode == ResponseCode::NoError {
+                self.stats.search_path_hits.fetch_add(1, Relaxed);
+                return alias(name, &cand, a, snap.config.ttl);
+            }
+        }
+        snap.lookup(name, qtype)
+    }
+
+    async fn search_path(
+        &self,
+        snap: &Snapshot,
+        q: &Query,
+        src: IpAddr,
+        request: &Message,
+    ) -> Answer {
+        let _ = src;
+        for cand in self.search_candidates(snap, q.name()) {
+            let a = if zone::in_zone(&snap.config, &cand) {
+                let a = snap.lookup(&cand, q.query_type());
+                if a.chase.is_some() {
+                    self.chase(snap, a, q.query_type(), request).await
+                } else {
+                    a
+                }
+            } else if let Some(fwd) = &self.forwarder {
+                let resp = fwd
+                    .forward(&sub_request(request, &cand, q.query_type()))
+                    .await;
+                match resp.metadata.response_code {
+                    ResponseCode::NoError => Answer {
+                        rcode: ResponseCode::NoError,
+                        answers: resp.answers,
+                        authorities: resp.authorities,
+                        additionals: Vec::new(),
+                        chase: None,
+                    },
+                    // NXDOMAIN goes on; SERVFAIL etc. stop the walk: the
+                    // client then walks on itself.
+                    ResponseCode::NXDomain => continue,
+                    _ => break,
+                }
+            } else {
+                continue;
+            };
+            if a.rcode == ResponseCode::NoError {
+                self.stats.search_path_hits.fetch_add(1, Relaxed);
+                return alias(q.name(), &cand, a, snap.config.ttl);
+            }
+        }
+        snap.lookup(q.name(), q.query_type())
+    }
+
+    /// Follow a CNAME out of the zone (ExternalName) and append what the
+    /// target resolves to.
+    async fn chase(
+        &self,
+        snap: &Snapshot,
+        mut a: Answer,
+        qtype: RecordType,
+        request: &Message,
+    ) -> Answer {
+        let mut depth = 0;
+        while let Some(target) = a.chase.take() {
+            depth += 1;
+            if depth > MAX_CHAIN {
+                break;
+            }
+            if zone::in_zone(&snap.config, &target) {
+                let next = snap.lookup(&target, qtype);
+                a.answers.extend(next.answers);
+                a.chase = next.chase;
+                if a.answers.is_empty() {
+                    a.rcode = next.rcode;
+                }
+                continue;
+            }
+            let Some(fwd) = &self.forwarder else { break };
+            let resp = fwd.forward(&sub_request(request, &target, qtype)).await;
+            // The CNAME itself answers the question; the target's answer
+            // follows it (and its rcode, RFC 6604).
+            a.rcode = resp.metadata.response_code;
+            a.answers.extend(resp.answers);
+            if a.rcode != ResponseCode::NoError {
+                a.authorities.extend(resp.authorities);
+            }
+        }
+        a
+    }
+
+    fn response_for(&self, request: &Message, rcode: ResponseCode) -> Message {
+        let mut m = Message::new(
+            request.metadata.id,
+            MessageType::Response,
+            request.metadata.op_code,
+        );
+        m.metadata.recursion_desired = request.metadata.recursion_desired;
+        m.metadata.recursion_available = self.forwarder.is_some();
+        m.metadata.checking_disabled = request.metadata.checking_disabled;
+        m.metadata.response_code = rcode;
+        m.queries = request.queries.clone();
+        if let Some(req) = &request.edns {
+            let mut e = Edns::new();
+            e.set_max_payload(MAX_UDP_PAYLOAD);
+            e.set_version(0);
+            e.set_dnssec_ok(req.flags().dnssec_ok);
+            m.edns = Some(e);
+        }
+        m
+    }
+
+    fn count(&self, rcode: ResponseCode) {
+        let c = match rcode {
+            ResponseCode::NXDomain => &self.stats.nxdomain,
+            ResponseCode::ServFail => &self.stats.servfail,
+            ResponseCode::FormErr => &self.stats.formerr,
+            ResponseCode::NotImp => &self.stats.notimp,
+            ResponseCode::Refused => &self.stats.refused,
+            _ => return,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    fn error(&self, request: &Message, rcode: ResponseCode, transport: Transport) -> Vec<u8> {
+        self.count(rcode);
+        let m = self.response_for(request, rcode);
+        self.emit(m, request, transport)
+    }
+
+    /// An error for a request that did not parse: header only.
+    fn bare_error(&self, id: u16, opcode: u8, rd: bool, rcode: ResponseCode) -> Vec<u8> {
+        self.count(rcode);
+        let mut m = Message::new(id, MessageType::Response, OpCode::from_u8(opcode));
+        m.metadata.recursion_desired = rd;
+        m.metadata.response_code = rcode;
+        m.to_vec().unwrap_or_default()
+    }
+
+    fn encode(&self, request: &Message, a: Answer, transport: Transport) -> Vec<u8> {
+        self.count(a.rcode);
+        let mut m = self.response_for(request, a.rcode);
+        m.metadata.authoritative =
+            a.rcode != ResponseCode::Refused && a.rcode != ResponseCode::ServFail;
+        m.answers = a.answers;
+        m.authorities = a.authorities;
+        m.additionals = a.additionals;
+        self.emit(m, request, transport)
+    }
+
+    fn encode_forwarded(&self, request: &Message, resp: Message, transport: Transport) -> Vec<u8> {
+        let rcode = resp.metadata.response_code;
+        self.count(rcode);
+        let mut m = self.response_for(request, rcode);
+        m.metadata.authentic_data = resp.metadata.authentic_data;
+        m.answers = resp.answers;
+        m.authorities = resp.authorities;
+        m.additionals = resp
+            .additionals
+            .into_iter()
+            .filter(|r| r.record_type() != RecordType::OPT)
+            .collect();
+        self.emit(m, request, transport)
+    }
+
+    /// Encode within the transport's size: UDP gets the client's EDNS size
+    /// (512 without EDNS), at most [`MAX_UDP_PAYLOAD`]; a response that does
+    /// not fit goes out with TC set and no records, and the client retries
+    /// over TCP.
+    fn emit(&self, m: Message, request: &Message, transport: Transport) -> Vec<u8> {
+        let limit = match transport {
+            Transport::Tcp => u16::MAX,
+            Transport::Udp => match &request.edns {
+                Some(e) => e.max_payload().clamp(512, MAX_UDP_PAYLOAD),
+                None => 512,
+            },
+        };
+        let mut buf = Vec::with_capacity(512);
+        let mut enc = BinEncoder::new(&mut buf);
+        enc.set_max_size(limit);
+        if m.emit(&mut enc).is_ok() && buf.len() <= limit as usize {
+            return buf;
+        }
+        self.stats.truncated.fetch_add(1, Relaxed);
+        let mut t = m;
+        t.answers.clear();
+        t.authorities.clear();
+        t.additionals.clear();
+        t.metadata.truncation = true;
+        t.to_vec().unwrap_or_default()
+    }
+}
+
+enum Local {
+    Done(Answer),
+    /// An answer with a CNAME whose target is outside the zone.
+    Chase(Answer),
+    /// NXDOMAIN for the first step of a pod's search path: walk the rest.
+    SearchPath,
+    /// Not a cluster name.
+    Forward,
+}
+
+/// `name CNAME target` followed by the target's answer.
+fn alias(name: &Name, target: &Name, a: Answer, ttl: u32) -> Answer {
+    let mut answers = vec![Record::from_rdata(
+        name.clone(),
+        ttl,
+        RData::CNAME(CNAME(target.clone())),
+    )];
+    answers.extend(a.answers);
+    Answer {
+        rcode: ResponseCode::NoError,
+        answers,
+        authorities: a.authorities,
+        additionals: a.additionals,
+        chase: None,
+    }
+}
+
+/// The client's request with another question (same flags and DO/CD bits).
+fn sub_request(request: &Message, name: &Name, qtype: RecordType) -> Message {
+    let mut m = request.clone();
+    m.queries = vec![Query::query(name.clone(), qtype)];
+    m
+}

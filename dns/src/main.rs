@@ -1,0 +1,122 @@
+//! `weft-dns`: the cluster DNS server alone, serving a view from a file
+//! (benchmarks, trying the zone out). The agent embeds the same server and
+//! feeds it from the control plane's stream.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use weft_dns::forward::{ForwardConfig, Forwarder};
+use weft_dns::server::{Limits, Server};
+use weft_dns::{ClusterDns, PodRecords, ZoneConfig};
+use weft_model::{NodeView, StreamFrame};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "weft-dns",
+    about = "weft cluster DNS, serving a view from a file"
+)]
+struct Args {
+    /// The view: JSON of a stream Reset's data, `{"rev":N,"services":[…],"nodes":[…],"pods":[…]}`.
+    #[arg(long)]
+    view: PathBuf,
+    /// Address to serve UDP and TCP on (repeatable).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    zone: String,
+    /// TTL of cluster records, seconds.
+    #[arg(long, default_value_t = 5)]
+    ttl: u32,
+    /// Pod records (`a-b-c-d.<ns>.pod.<zone>`).
+    #[arg(long, value_enum, default_value_t = PodRecords::Disabled)]
+    pods: PodRecords,
+    /// Where upstream servers come from (loopback ones are rejected).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Answer cluster names only (everything else: REFUSED).
+    #[arg(long)]
+    no_forward: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("weft-dns: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let text =
+        std::fs::read(&args.view).with_context(|| format!("reading {}", args.view.display()))?;
+    let data: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("parsing {}", args.view.display()))?;
+    let frame: StreamFrame =
+        serde_json::from_value(serde_json::json!({"type": "Reset", "data": data}))
+            .with_context(|| format!("{} is not a view (Reset data)", args.view.display()))?;
+    let mut view = NodeView::default();
+    weft_model::view::apply(&mut view, frame).context("applying the view")?;
+    let config = ZoneConfig::new(
+        &args.zone,
+        args.ttl,
+        args.pods,
+        args.listen.iter().map(|a| a.ip()).collect(),
+    )?;
+    let snap = weft_dns::feed::snapshot_of(config, &view);
+    let (forwarder, search) = if args.no_forward {
+        (None, Vec::new())
+    } else {
+        let rc = weft_dns::resolv_conf::load(&args.resolv_conf)?;
+        for (ip, why) in &rc.rejected {
+            tracing::warn!(%ip, why, "upstream rejected");
+        }
+        let search = rc
+            .search
+            .iter()
+            .filter_map(|s| {
+                let mut n = hickory_proto::rr::Name::from_ascii(s.trim_end_matches('.')).ok()?;
+                n.set_fqdn(true);
+                Some(n)
+            })
+            .collect();
+        let fwd = (!rc.upstreams.is_empty()).then(|| {
+            Arc::new(Forwarder::new(ForwardConfig {
+                upstreams: rc.upstreams.clone(),
+                ..Default::default()
+            }))
+        });
+        (fwd, search)
+    };
+    tracing::info!(
+        services = snap.services.len(),
+        pods = snap.pods.len(),
+        forwarding = forwarder.is_some(),
+        "view loaded"
+    );
+    let dns = Arc::new(ClusterDns::new(snap, forwarder, search));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let mut server = Server::bind(dns, &args.listen, Limits::default()).await?;
+        tracing::info!(udp = ?server.udp, tcp = ?server.tcp, "serving");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = server.wait() => anyhow::bail!("every listener ended"),
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,248 @@
+//! UDP and TCP listeners for [`ClusterDns`], with their limits.
+//!
+//! UDP: one task per socket answers cluster names inline (no task per
+//! query); a query that needs the upstreams is handed to a task, at most
+//! `max_pending` at once (beyond that: SERVFAIL at once, never an unbounded
+//! queue). TCP: at most `tcp_connections` connections (further ones are
+//! closed at accept), each closed after `tcp_idle` without a complete
+//! query, with at most `tcp_queries` queries per connection; messages are
+//! length-prefixed (RFC 1035 4.2.2) and answered in order.
+
+use crate::handler::{ClusterDns, Outcome, Transport};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Listener limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub tcp_connections: usize,
+    pub tcp_idle: Duration,
+    pub tcp_queries: usize,
+    /// Queries waiting for the upstreams at once (per server).
+    pub max_pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tcp_connections: 256,
+            tcp_idle: Duration::from_secs(10),
+            tcp_queries: 1000,
+            max_pending: 1024,
+        }
+    }
+}
+
+/// A listening server: its sockets' tasks end when this is dropped.
+pub struct Server {
+    tasks: JoinSet<()>,
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("binding {proto} {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Server {
+    /// Bind UDP and TCP on every address and start serving. Must run inside
+    /// a tokio runtime.
+    pub async fn bind(
+        dns: Arc<ClusterDns>,
+        addrs: &[SocketAddr],
+        limits: Limits,
+    ) -> Result<Server, ServeError> {
+        let mut sockets = Vec::new();
+        for addr in addrs {
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    proto: "udp",
+                    addr: *addr,
+                    source,
+                })?;
+            // The same port for TCP when the UDP one was chosen by the kernel.
+            let tcp_addr = udp.local_addr().unwrap_or(*addr);
+            let tcp = TcpListener::bind(tcp_addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    proto: "tcp",
+                    addr: tcp_addr,
+                    source,
+                })?;
+            sockets.push((udp, tcp));
+        }
+        let mut server = Server {
+            tasks: JoinSet::new(),
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        let pending = Arc::new(Semaphore::new(limits.max_pending));
+        for (udp, tcp) in sockets {
+            if let Ok(a) = udp.local_addr() {
+                server.udp.push(a);
+            }
+            if let Ok(a) = tcp.local_addr() {
+                server.tcp.push(a);
+            }
+            server
+                .tasks
+                .spawn(serve_udp(dns.clone(), Arc::new(udp), pending.clone()));
+            server
+                .tasks
+                .spawn(serve_tcp(dns.clone(), tcp, limits.clone(), pending.clone()));
+        }
+        Ok(server)
+    }
+
+    /// Wait until every listener ended (they end only on fatal errors).
+    pub async fn wait(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_udp(dns: Arc<ClusterDns>, sock: Arc<UdpSocket>, pending: Arc<Semaphore>) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors of earlier sends surface here; keep serving.
+                tracing::debug!(error = %e, "dns udp receive");
+                continue;
+            }
+        };
+        match dns.respond_now(&buf[..n], src.ip(), Transport::Udp) {
+            Outcome::Reply(bytes) => {
+                let _ = sock.send_to(&bytes, src).await;
+            }
+            Outcome::Drop => {}
+            Outcome::Pending(p) => match pending.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let dns = dns.clone();
+                    let sock = sock.clone();
+                    tokio::spawn(async move {
+                        let bytes = dns.finish(p).await;
+                        let _ = sock.send_to(&bytes, src).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    dns.stats
+                        .servfail
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(b) = servfail(&buf[..n]) {
+                        let _ = sock.send_to(&b, src).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// SERVFAIL for a request (header and question echoed): the answer when
+/// the forwarder is saturated.
+fn servfail(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut m = hickory_proto::op::Message::from_vec(raw).ok()?;
+    m.metadata.message_type = hickory_proto::op::MessageType::Response;
+    m.metadata.response_code = hickory_proto::op::ResponseCode::ServFail;
+    m.answers.clear();
+    m.authorities.clear();
+    m.additionals.clear();
+    m.edns = None;
+    m.to_vec().ok()
+}
+
+async fn serve_tcp(
+    dns: Arc<ClusterDns>,
+    listener: TcpListener,
+    limits: Limits,
+    pending: Arc<Semaphore>,
+) {
+    let conns = Arc::new(Semaphore::new(limits.tcp_connections));
+    loop {
+        let (stream, src) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "dns tcp accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::debug!(%src, "dns tcp connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let dns = dns.clone();
+        let limits = limits.clone();
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let _ = tcp_connection(&dns, stream, src, &limits, &pending).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_connection(
+    dns: &ClusterDns,
+    mut stream: TcpStream,
+    src: SocketAddr,
+    limits: &Limits,
+    pending: &Semaphore,
+) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    for _ in 0..limits.tcp_queries {
+        let read = async {
+            let len = stream.read_u16().await? as usize;
+            buf.resize(len, 0);
+            stream.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(limits.tcp_idle, read).await {
+            Ok(Ok(())) => {}
+            // Idle too long, or closed, or a short message: done.
+            _ => return Ok(()),
+        }
+        let reply = match dns.respond_now(&buf, src.ip(), Transport::Tcp) {
+            Outcome::Reply(b) => b,
+            Outcome::Drop => continue,
+            Outcome::Pending(p) => match pending.try_acquire() {
+                Ok(permit) => {
+                    let r = dns.finish(p).await;
+                    drop(permit);
+                    r
+                }
+                Err(_) => match servfail(&buf) {
+                    Some(b) => b,
+                    None => continue,
+                },
+            },
+        };
+        if reply.len() > u16::MAX as usize {
+            continue;
+        }
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+        out.extend_from_slice(&reply);
+        tokio::time::timeout(limits.tcp_idle, stream.write_all(&out))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    }
+    Ok(())
+}

@@ -21,6 +21,7 @@ pub mod handler;
 pub mod resolv_conf;
 pub mod server;
 pub mod zone;
+pub mod zone_handler;
 
 pub use handler::{ClusterDns, DnsStats};
 pub use zone::{PodRecords, Snapshot, ZoneConfig};

@@ -461,7 +461,9 @@ impl ClusterDns {
         let mut buf = Vec::with_capacity(512);
         let mut enc = BinEncoder::new(&mut buf);
         enc.set_max_size(limit);
-        if m.emit(&mut enc).is_ok() && buf.len() <= limit as usize {
+        // hickory's encoder stops at the limit and sets TC itself, leaving a
+        // partial answer: a partial RRset is worse than none (RFC 2181 9).
+        if m.emit(&mut enc).is_ok() && buf.len() <= limit as usize && buf[2] & 0x02 == 0 {
             return buf;
         }
         self.stats.truncated.fetch_add(1, Relaxed);
@@ -506,4 +508,362 @@ fn sub_request(request: &Message, name: &Name, qtype: RecordType) -> Message {
     let mut m = request.clone();
     m.queries = vec![Query::query(name.clone(), qtype)];
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::ForwardConfig;
+    use crate::zone::tests::{backend, fixture, svc};
+    use crate::zone::{compile_service, PodRecords};
+    use hickory_proto::op::Message;
+    use std::time::Duration;
+
+    const POD: &str = "198.18.128.9"; // a pod of namespace shop in the fixture
+    const HOST: &str = "198.18.0.11";
+
+    fn query(name: &str, qtype: RecordType) -> Message {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        m
+    }
+
+    fn with_edns(mut m: Message, payload: u16) -> Message {
+        let mut e = Edns::new();
+        e.set_max_payload(payload);
+        m.edns = Some(e);
+        m
+    }
+
+    fn dns(forwarder: Option<Arc<Forwarder>>) -> ClusterDns {
+        ClusterDns::new(fixture(PodRecords::Disabled), forwarder, Vec::new())
+    }
+
+    async fn ask(d: &ClusterDns, m: &Message, src: &str, t: Transport) -> Message {
+        let raw = m.to_vec().unwrap();
+        let out = d
+            .respond(&raw, src.parse().unwrap(), t)
+            .await
+            .expect("an answer");
+        Message::from_vec(&out).unwrap()
+    }
+
+    fn rdata(m: &Message) -> Vec<String> {
+        m.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn answers_cluster_names_authoritatively() {
+        let d = dns(None);
+        let r = ask(
+            &d,
+            &query("Web.Shop.svc.cluster.local.", RecordType::A),
+            POD,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.id, 4242);
+        assert_eq!(r.metadata.message_type, MessageType::Response);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.metadata.authoritative);
+        assert!(r.metadata.recursion_desired);
+        assert_eq!(
+            r.queries[0].name().to_ascii(),
+            "Web.Shop.svc.cluster.local."
+        );
+        assert_eq!(rdata(&r), ["198.19.0.20"]);
+        let r = ask(
+            &d,
+            &query("nope.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_unsupported_requests() {
+        let d = dns(None);
+        let src: IpAddr = HOST.parse().unwrap();
+        // Too short, or a response: dropped.
+        assert!(d.respond(&[1, 2, 3], src, Transport::Udp).await.is_none());
+        let mut resp = query("web.shop.svc.cluster.local.", RecordType::A);
+        resp.metadata.message_type = MessageType::Response;
+        assert!(d
+            .respond(&resp.to_vec().unwrap(), src, Transport::Udp)
+            .await
+            .is_none());
+        // A header followed by garbage: FORMERR with the id.
+        let mut raw = query("web.shop.svc.cluster.local.", RecordType::A)
+            .to_vec()
+            .unwrap();
+        raw.truncate(20);
+        let r = Message::from_vec(&d.respond(&raw, src, Transport::Udp).await.unwrap()).unwrap();
+        assert_eq!(
+            (r.metadata.id, r.metadata.response_code),
+            (4242, ResponseCode::FormErr)
+        );
+        // Two questions, or none: FORMERR.
+        let mut two = query("web.shop.svc.cluster.local.", RecordType::A);
+        two.add_query(Query::query(
+            Name::from_ascii("db.shop.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(
+            ask(&d, &two, HOST, Transport::Udp)
+                .await
+                .metadata
+                .response_code,
+            ResponseCode::FormErr
+        );
+        let mut none = query("web.shop.svc.cluster.local.", RecordType::A);
+        none.queries.clear();
+        assert_eq!(
+            ask(&d, &none, HOST, Transport::Udp)
+                .await
+                .metadata
+                .response_code,
+            ResponseCode::FormErr
+        );
+        // Opcodes other than QUERY: NOTIMP.
+        for op in [OpCode::Status, OpCode::Notify, OpCode::Update] {
+            let mut m = query("cluster.local.", RecordType::SOA);
+            m.metadata.op_code = op;
+            assert_eq!(
+                ask(&d, &m, HOST, Transport::Udp)
+                    .await
+                    .metadata
+                    .response_code,
+                ResponseCode::NotImp,
+                "{op:?}"
+            );
+        }
+        // Zone transfers and other classes: REFUSED.
+        for t in [RecordType::AXFR, RecordType::IXFR] {
+            let r = ask(&d, &query("cluster.local.", t), HOST, Transport::Tcp).await;
+            assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{t:?}");
+            assert!(r.answers.is_empty());
+        }
+        let mut ch = query("version.bind.", RecordType::TXT);
+        ch.queries[0].set_query_class(DNSClass::CH);
+        assert_eq!(
+            ask(&d, &ch, HOST, Transport::Udp)
+                .await
+                .metadata
+                .response_code,
+            ResponseCode::Refused
+        );
+        // EDNS version 1: BADVERS.
+        let mut m = with_edns(query("web.shop.svc.cluster.local.", RecordType::A), 1232);
+        m.edns.as_mut().unwrap().set_version(1);
+        // (BADVERS and BADSIG share the value 16; the decoder names it BADSIG.)
+        let r = ask(&d, &m, HOST, Transport::Udp).await;
+        assert_eq!(
+            u16::from(r.metadata.response_code),
+            u16::from(ResponseCode::BADVERS)
+        );
+        // Not a cluster name and no forwarder: REFUSED.
+        let r = ask(
+            &d,
+            &query("example.test.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        assert!(d.stats.formerr.load(Relaxed) >= 3);
+    }
+
+    #[tokio::test]
+    async fn udp_answers_fit_the_clients_size_or_set_tc() {
+        let mut snap = fixture(PodRecords::Disabled);
+        let zone = snap.config.zone.clone();
+        let mut big = svc("shop", "big");
+        big.headless = true;
+        big.backends = (1..=120)
+            .map(|i| backend(&format!("198.18.130.{i}"), None, true, &[]))
+            .collect();
+        snap.put_service(big.key(), compile_service(&zone, &big));
+        let d = ClusterDns::new(snap, None, Vec::new());
+        let q = query("big.shop.svc.cluster.local.", RecordType::A);
+        // No EDNS: 512 bytes at most.
+        let r = ask(&d, &q, HOST, Transport::Udp).await;
+        assert!(r.metadata.truncation);
+        assert!(r.answers.is_empty());
+        assert_eq!(r.queries.len(), 1);
+        // EDNS 4096 asked: capped at 1232, still too small for 120 records.
+        let raw = with_edns(q.clone(), 4096).to_vec().unwrap();
+        let out = d
+            .respond(&raw, HOST.parse().unwrap(), Transport::Udp)
+            .await
+            .unwrap();
+        assert!(out.len() <= MAX_UDP_PAYLOAD as usize);
+        let r = Message::from_vec(&out).unwrap();
+        assert!(r.metadata.truncation);
+        assert_eq!(
+            r.edns.as_ref().map(|e| e.max_payload()),
+            Some(MAX_UDP_PAYLOAD)
+        );
+        // TCP: everything.
+        let r = ask(&d, &q, HOST, Transport::Tcp).await;
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 120);
+        // A smaller answer fits in 512 bytes without EDNS.
+        let r = ask(
+            &d,
+            &query("db.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn search_path_is_walked_on_the_server_for_pods() {
+        let d = dns(None);
+        // `web.shop` from a pod of shop: first try web.shop.shop.svc.cluster.local.
+        let r = ask(
+            &d,
+            &query("web.shop.shop.svc.cluster.local.", RecordType::A),
+            POD,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(rdata(&r), ["web.shop.svc.cluster.local.", "198.19.0.20"]);
+        // The same name from a source that is no pod: NXDOMAIN (the client walks).
+        let r = ask(
+            &d,
+            &query("web.shop.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        // A pod of another namespace asking under shop's suffix: not its first step.
+        // And a name that exists nowhere: NXDOMAIN.
+        let r = ask(
+            &d,
+            &query("nothing.shop.svc.cluster.local.", RecordType::A),
+            POD,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert!(d.stats.search_path_hits.load(Relaxed) >= 1);
+    }
+
+    /// An upstream on loopback: `example.test` A 198.19.255.1, NXDOMAIN otherwise.
+    async fn upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut resp = Message::response(req.metadata.id, OpCode::Query);
+                resp.metadata.recursion_available = true;
+                resp.queries = req.queries.clone();
+                let q = &req.queries[0];
+                if q.name().to_lowercase().to_ascii() == "example.test."
+                    && q.query_type() == RecordType::A
+                {
+                    resp.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(hickory_proto::rr::rdata::A("198.19.255.1".parse().unwrap())),
+                    ));
+                } else {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                }
+                let _ = sock.send_to(&resp.to_vec().unwrap(), from).await;
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn forwards_chases_external_names_and_walks_to_upstream_names() {
+        let (addr, task) = upstream().await;
+        let fwd = Arc::new(Forwarder::new(ForwardConfig {
+            upstreams: vec![addr],
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        }));
+        let d = dns(Some(fwd));
+        let r = ask(
+            &d,
+            &query("example.test.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(rdata(&r), ["198.19.255.1"]);
+        assert!(r.metadata.recursion_available);
+        assert!(!r.metadata.authoritative);
+        // ExternalName: the CNAME and what the upstream says about its target.
+        let r = ask(
+            &d,
+            &query("ext.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(rdata(&r), ["example.test.", "198.19.255.1"]);
+        // `example.test` from a pod (ndots:5 puts the search list first).
+        let r = ask(
+            &d,
+            &query("example.test.shop.svc.cluster.local.", RecordType::A),
+            POD,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(rdata(&r), ["example.test.", "198.19.255.1"]);
+        // An upstream NXDOMAIN stays NXDOMAIN.
+        let r = ask(
+            &d,
+            &query("missing.test.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_published_snapshot_answers_the_next_query() {
+        let d = dns(None);
+        let mut snap = Snapshot::clone(&d.snapshot());
+        let zone = snap.config.zone.clone();
+        let mut s = svc("shop", "new");
+        s.cluster_ips = vec!["198.19.0.99".parse().unwrap()];
+        snap.put_service(s.key(), compile_service(&zone, &s));
+        let q = query("new.shop.svc.cluster.local.", RecordType::A);
+        assert_eq!(
+            ask(&d, &q, HOST, Transport::Udp)
+                .await
+                .metadata
+                .response_code,
+            ResponseCode::NXDomain
+        );
+        d.publish(snap);
+        assert_eq!(
+            rdata(&ask(&d, &q, HOST, Transport::Udp).await),
+            ["198.19.0.99"]
+        );
+    }
 }

@@ -246,3 +246,113 @@ async fn tcp_connection(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zone::tests::fixture;
+    use crate::zone::PodRecords;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 7;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    async fn tcp_ask(s: &mut TcpStream, raw: &[u8]) -> std::io::Result<Message> {
+        let mut framed = (raw.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(raw);
+        s.write_all(&framed).await?;
+        let len = s.read_u16().await? as usize;
+        let mut buf = vec![0; len];
+        s.read_exact(&mut buf).await?;
+        Ok(Message::from_vec(&buf).unwrap())
+    }
+
+    #[tokio::test]
+    async fn serves_udp_and_tcp_with_limits() {
+        let dns = Arc::new(ClusterDns::new(
+            fixture(PodRecords::Disabled),
+            None,
+            Vec::new(),
+        ));
+        let limits = Limits {
+            tcp_connections: 2,
+            tcp_idle: Duration::from_millis(300),
+            tcp_queries: 3,
+            max_pending: 4,
+        };
+        let server = Server::bind(dns.clone(), &["127.0.0.1:0".parse().unwrap()], limits)
+            .await
+            .unwrap();
+        let addr = server.udp[0];
+        assert_eq!(server.tcp[0], addr, "UDP and TCP share the port");
+
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(&query("web.shop.svc.cluster.local."), addr)
+            .await
+            .unwrap();
+        let mut buf = vec![0; 1500];
+        let n = c.recv(&mut buf).await.unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(r.answers[0].data.to_string(), "198.19.0.20");
+        // Garbage is answered FORMERR or dropped, and the server keeps serving.
+        c.send_to(&[0xff; 5], addr).await.unwrap();
+        c.send_to(&query("db.shop.svc.cluster.local."), addr)
+            .await
+            .unwrap();
+        let n = c.recv(&mut buf).await.unwrap();
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 2);
+
+        // TCP: several queries on one connection, in order.
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            let r = tcp_ask(&mut a, &query("web.shop.svc.cluster.local."))
+                .await
+                .unwrap();
+            assert_eq!(r.answers.len(), 1);
+        }
+        // The third query is the connection's last (tcp_queries = 3): then closed.
+        tcp_ask(&mut a, &query("web.shop.svc.cluster.local."))
+            .await
+            .unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(
+            a.read(&mut one).await.unwrap(),
+            0,
+            "closed after its query budget"
+        );
+
+        // Two connections at most: a third is closed at once.
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        tcp_ask(&mut b, &query("web.shop.svc.cluster.local."))
+            .await
+            .unwrap();
+        tcp_ask(&mut c2, &query("web.shop.svc.cluster.local."))
+            .await
+            .unwrap();
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            tcp_ask(&mut d, &query("web.shop.svc.cluster.local."))
+                .await
+                .is_err(),
+            "a connection over the cap is closed"
+        );
+        // An idle connection is closed after tcp_idle; its slot frees up.
+        assert_eq!(b.read(&mut one).await.unwrap(), 0, "idle connection closed");
+        assert_eq!(
+            c2.read(&mut one).await.unwrap(),
+            0,
+            "idle connection closed"
+        );
+        let mut e = TcpStream::connect(addr).await.unwrap();
+        tcp_ask(&mut e, &query("web.shop.svc.cluster.local."))
+            .await
+            .unwrap();
+        drop(server);
+    }
+}

@@ -793,7 +793,7 @@ pub fn parse_dashed(label: &str) -> Option<IpAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use weft_model::view::{Backend, BackendPort, FrontendPort};
 

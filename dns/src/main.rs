@@ -76,7 +76,9 @@ fn run() -> Result<()> {
     let (forwarder, search) = if args.no_forward {
         (None, Vec::new())
     } else {
-        let rc = weft_dns::resolv_conf::load(&args.resolv_conf)?;
+        // Never forward to ourselves.
+        let own: Vec<std::net::IpAddr> = args.listen.iter().map(|a| a.ip()).collect();
+        let rc = weft_dns::resolv_conf::load_excluding(&args.resolv_conf, &own)?;
         for (ip, why) in &rc.rejected {
             tracing::warn!(%ip, why, "upstream rejected");
         }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod apply;
 pub mod client;
 pub mod delete;
+pub mod dns;
 pub mod ebpf;
 pub mod get;
 pub mod overlay;
@@ -83,6 +84,8 @@ pub enum Command {
     Trace(services::TraceArgs),
     /// Show this node's eBPF maps: frontends, backends, affinity and connection entries (asks the local weft-agent).
     Ebpf(ebpf::EbpfArgs),
+    /// Resolve NAME as a pod on this node would, showing each step of its search path.
+    Dns(dns::DnsArgs),
 }
 
 /// What every command needs: the client and the namespace flags.
@@ -108,6 +111,16 @@ pub fn run() -> Result<ExitCode> {
 }
 
 pub fn run_cli(cli: Cli) -> Result<ExitCode> {
+    if let Command::Dns(args) = &cli.command {
+        // No control plane involved. `--server ADDR` with an address (a
+        // control plane URL is always http://...) names the DNS server.
+        let server = dns::parse_server(&cli.server).ok();
+        let mut out = std::io::stdout().lock();
+        let mut err = std::io::stderr().lock();
+        let code = dns::run(args, cli.namespace.as_deref(), server, &mut out, &mut err);
+        let _ = out.flush();
+        return Ok(code);
+    }
     let server = ServerUrl::parse(&cli.server)?;
     let token = resolve_token(cli.token.as_deref(), cli.token_file.as_deref())?;
     let ctx = Context {
@@ -132,6 +145,8 @@ pub fn run_cli(cli: Cli) -> Result<ExitCode> {
             Command::Services(args) => services::services(&args, &mut out).await,
             Command::Trace(args) => services::trace(&args, &mut out).await,
             Command::Ebpf(args) => ebpf::run(&args, &mut out).await,
+            // Answered above, before any client or runtime.
+            Command::Dns(_) => Ok(true),
         }
     });
     let _ = out.flush();

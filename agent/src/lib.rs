@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod dataplane;
+pub mod dns_host;
 pub mod health;
 pub mod local_api;
 pub mod node;

@@ -98,6 +98,30 @@ struct Args {
     /// /healthz answers 503 once an update has waited longer than this.
     #[arg(long, env = "WEFT_HEALTHZ_TIMEOUT_SECONDS", default_value_t = 30)]
     healthz_timeout_seconds: u64,
+    /// Do not serve cluster DNS on this node (pods then need another server
+    /// on --cluster-dns).
+    #[arg(long, env = "WEFT_NO_DNS")]
+    no_dns: bool,
+    /// TTL of cluster DNS records, seconds.
+    #[arg(long, env = "WEFT_DNS_TTL", default_value_t = 5)]
+    dns_ttl: u32,
+    /// Pod records `a-b-c-d.<ns>.pod.<zone>`: disabled, insecure (any
+    /// address), verified (only addresses of pods in that namespace).
+    #[arg(long, env = "WEFT_DNS_POD_RECORDS", value_enum, default_value_t = weft_dns::PodRecords::Disabled)]
+    dns_pod_records: weft_dns::PodRecords,
+    /// Upstream servers for names outside the cluster (default: the
+    /// nameservers of --dns-resolv-conf, loopback ones rejected).
+    #[arg(long, env = "WEFT_DNS_UPSTREAM", value_delimiter = ',')]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    /// Where the node's upstream servers and search domains come from.
+    #[arg(long, env = "WEFT_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    dns_resolv_conf: PathBuf,
+    /// Most TCP connections the DNS server keeps at once.
+    #[arg(long, env = "WEFT_DNS_TCP_CONNECTIONS", default_value_t = 256)]
+    dns_tcp_connections: usize,
+    /// A DNS TCP connection without a complete query for this long is closed.
+    #[arg(long, env = "WEFT_DNS_TCP_IDLE_SECONDS", default_value_t = 10)]
+    dns_tcp_idle_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -351,6 +375,92 @@ impl NodeLoop {
     }
 }
 
+/// Serve cluster DNS on the cluster DNS address inside this node, fed from
+/// the view.
+async fn start_dns(
+    args: &Args,
+    view: weft_agent::sync::SharedView,
+    revs: tokio::sync::watch::Receiver<u64>,
+    changes: weft_agent::sync::SharedChanges,
+) -> anyhow::Result<()> {
+    use weft_dns::forward::{ForwardConfig, Forwarder};
+    let zone = weft_dns::ZoneConfig::new(
+        &args.cluster_domain,
+        args.dns_ttl,
+        args.dns_pod_records,
+        vec![args.cluster_dns],
+    )
+    .context("--cluster-domain / --dns-ttl")?;
+    let (upstreams, search) = if args.dns_upstream.is_empty() {
+        match weft_dns::resolv_conf::load_excluding(&args.dns_resolv_conf, &[args.cluster_dns]) {
+            Ok(rc) => {
+                for (ip, why) in &rc.rejected {
+                    tracing::warn!(%ip, why, resolv_conf = %args.dns_resolv_conf.display(), "DNS upstream rejected");
+                }
+                (rc.upstreams, rc.search)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no DNS upstreams: names outside the cluster get REFUSED");
+                (Vec::new(), Vec::new())
+            }
+        }
+    } else {
+        (args.dns_upstream.clone(), Vec::new())
+    };
+    let cluster_suffix = args
+        .cluster_domain
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let search: Vec<hickory_proto::rr::Name> = search
+        .iter()
+        // The cluster's own suffixes are walked first anyway.
+        .filter(|s| {
+            !s.trim_end_matches('.')
+                .to_ascii_lowercase()
+                .ends_with(&cluster_suffix)
+        })
+        .filter_map(|s| {
+            let mut n = hickory_proto::rr::Name::from_ascii(s.trim_end_matches('.')).ok()?;
+            n.set_fqdn(true);
+            Some(n)
+        })
+        .collect();
+    let forwarder = (!upstreams.is_empty()).then(|| {
+        std::sync::Arc::new(Forwarder::new(ForwardConfig {
+            upstreams: upstreams.clone(),
+            ..Default::default()
+        }))
+    });
+    weft_agent::dns_host::ensure_address(args.cluster_dns)
+        .await
+        .with_context(|| {
+            format!(
+                "putting the cluster DNS address {} on {}",
+                args.cluster_dns,
+                weft_agent::dns_host::DNS_LINK
+            )
+        })?;
+    let dns = std::sync::Arc::new(weft_dns::ClusterDns::new(
+        weft_dns::Snapshot::new(zone),
+        forwarder,
+        search,
+    ));
+    let limits = weft_dns::server::Limits {
+        tcp_connections: args.dns_tcp_connections.max(1),
+        tcp_idle: std::time::Duration::from_secs(args.dns_tcp_idle_seconds.max(1)),
+        ..Default::default()
+    };
+    let listen = weft_agent::dns_host::listen_addrs(args.cluster_dns, &[]);
+    let mut server = weft_dns::server::Server::bind(dns.clone(), &listen, limits).await?;
+    tracing::info!(listen = ?server.udp, upstreams = ?upstreams, zone = %args.cluster_domain, "cluster DNS serving");
+    tokio::spawn(async move {
+        server.wait().await;
+        tracing::error!("cluster DNS listeners ended");
+    });
+    tokio::spawn(weft_agent::dns_host::follow(dns, view, revs, changes));
+    Ok(())
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
@@ -372,7 +482,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let view: weft_agent::sync::SharedView = Arc::new(RwLock::new(NodeView::default()));
         let (tx, mut rx) = tokio::sync::watch::channel(0u64);
         let service_changes = weft_agent::sync::SharedChanges::default();
-        tokio::spawn(weft_agent::sync::follow(ep.clone(), args.node_name.clone(), view.clone(), tx, service_changes.clone()));
+        let dns_changes = weft_agent::sync::SharedChanges::default();
+        tokio::spawn(weft_agent::sync::follow(
+            ep.clone(),
+            args.node_name.clone(),
+            view.clone(),
+            tx,
+            vec![service_changes.clone(), dns_changes.clone()],
+        ));
+        if !args.no_dns {
+            start_dns(&args, view.clone(), rx.clone(), dns_changes).await?;
+        }
         let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
         let reports_tx_late = reports_tx.clone();
         let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<weft_agent::local_api::Query>(16);
@@ -441,6 +561,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             localhost_node_ports: args.localhost_node_ports,
             external_ip_allow: args.external_ip_allow.clone(),
             cluster_cidr: args.cluster_cidr.into(),
+            local_dns: (!args.no_dns).then_some(args.cluster_dns),
         };
         let health = Arc::new(weft_agent::health::Health::new(
             std::time::Duration::from_secs(args.healthz_timeout_seconds.max(1)),

@@ -83,15 +83,16 @@ impl Stream {
 /// briefly; the sync loop applies each frame in place (no copy of the view).
 pub type SharedView = Arc<RwLock<NodeView>>;
 
-/// Which Services the view changed since a consumer last took them: the
-/// keys of every applied delta, or everything after a reset. Lets the
-/// service dataplane re-plan only what changed instead of comparing every
-/// Service.
+/// Which Services (and, apart, which Pods) the view changed since a consumer
+/// last took them: the keys of every applied delta, or everything after a
+/// reset. Lets the service dataplane re-plan only what changed instead of
+/// comparing every Service; a Pod change is not a Service change.
 #[derive(Debug, Default)]
 pub struct ViewChanges {
     /// A reset replaced the view: anything may have changed.
     pub all: bool,
     pub services: std::collections::BTreeSet<(String, String)>,
+    pub pods: std::collections::BTreeSet<(String, String)>,
 }
 
 pub type SharedChanges = Arc<std::sync::Mutex<ViewChanges>>;
@@ -114,6 +115,12 @@ impl ViewChanges {
                         weft_model::view::Change::ServiceRemoved { namespace, name } => {
                             self.services.insert((namespace.clone(), name.clone()));
                         }
+                        weft_model::view::Change::Pod { pod } => {
+                            self.pods.insert(pod.key());
+                        }
+                        weft_model::view::Change::PodRemoved { namespace, name } => {
+                            self.pods.insert((namespace.clone(), name.clone()));
+                        }
                         _ => {}
                     }
                 }
@@ -123,14 +130,15 @@ impl ViewChanges {
     }
 }
 
-/// Follow the stream forever, applying frames to `view` and announcing each new
+/// Follow the stream forever, applying frames to `view`, noting what changed
+/// for each consumer (service dataplane, DNS) and announcing each new
 /// revision on `revs`. Reconnects with backoff; resumes from the held revision.
 pub async fn follow(
     ep: Endpoint,
     node: String,
     view: SharedView,
     revs: watch::Sender<u64>,
-    changed: SharedChanges,
+    consumers: Vec<SharedChanges>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -161,15 +169,20 @@ pub async fn follow(
                                 tracing::warn!(error = %e, rev, "frame out of order; starting over");
                                 *view.write().unwrap_or_else(|p| p.into_inner()) =
                                     NodeView::default();
-                                changed.lock().unwrap_or_else(|p| p.into_inner()).all = true;
+                                for changed in &consumers {
+                                    changed.lock().unwrap_or_else(|p| p.into_inner()).all = true;
+                                }
                                 break;
                             }
                             {
                                 // After the view holds the change, before
                                 // consumers are woken.
-                                let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
-                                c.all |= noted.all;
-                                c.services.extend(noted.services);
+                                for changed in &consumers {
+                                    let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+                                    c.all |= noted.all;
+                                    c.services.extend(noted.services.iter().cloned());
+                                    c.pods.extend(noted.pods.iter().cloned());
+                                }
                             }
                             let _ = revs.send(rev);
                         }

@@ -158,6 +158,7 @@ fn plan() -> ServicePlan {
         synced: true,
         services: services.into_iter().map(|s| (s.key(), s)).collect(),
         nodes: Default::default(),
+        pods: Default::default(),
     };
     build(&view, &config())
 }

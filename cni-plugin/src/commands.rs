@@ -286,11 +286,12 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<serde_json::Value> {
     }
     let ip = alloc.commit();
 
-    let dns = if node.dns.is_empty() {
+    let mut dns = if node.dns.is_empty() {
         conf.dns.clone().unwrap_or_default()
     } else {
         node.dns.clone()
     };
+    pod_search_path(&mut dns, env.pod.namespace.as_deref());
     let result = CniResult {
         interfaces: vec![
             Interface {
@@ -517,10 +518,60 @@ fn gc(conf: &NetConf) -> Result<()> {
     }
 }
 
+/// A pod's search list starts with its own namespace (`<ns>.svc.<zone>`,
+/// then `svc.<zone>`, `<zone>`), as the kubelet writes it: the node's list
+/// starts at `svc.<zone>`, the pod's namespace is known from CNI_ARGS.
+fn pod_search_path(dns: &mut crate::node_state::Dns, namespace: Option<&str>) {
+    let Some(ns) = namespace.filter(|n| !n.is_empty()) else {
+        return;
+    };
+    let Some(first) = dns.search.first() else {
+        return;
+    };
+    if let Some(zone) = first.strip_prefix("svc.") {
+        let own = format!("{ns}.svc.{zone}");
+        if !dns.search.contains(&own) {
+            dns.search.insert(0, own);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_pod_namespace_leads_the_search_list() {
+        let node = crate::node_state::Dns {
+            nameservers: vec!["198.19.0.10".into()],
+            search: vec!["svc.cluster.local".into(), "cluster.local".into()],
+            options: vec!["ndots:5".into()],
+            ..Default::default()
+        };
+        let mut dns = node.clone();
+        pod_search_path(&mut dns, Some("shop"));
+        assert_eq!(
+            dns.search,
+            [
+                "shop.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+        // Idempotent; no namespace or a search list of another shape: unchanged.
+        pod_search_path(&mut dns, Some("shop"));
+        assert_eq!(dns.search.len(), 3);
+        let mut d = node.clone();
+        pod_search_path(&mut d, None);
+        assert_eq!(d, node);
+        let mut d = crate::node_state::Dns {
+            search: vec!["example.test".into()],
+            ..node.clone()
+        };
+        pod_search_path(&mut d, Some("shop"));
+        assert_eq!(d.search, ["example.test"]);
+    }
 
     fn invoke(env: &[(&str, &str)], stdin: &str) -> (i32, serde_json::Value) {
         let map: HashMap<String, String> = env

@@ -322,7 +322,44 @@ fn remove_stale_namespaces() {
             }
         }
         let _ = ip(&["netns", "del", name]);
+        let _ = std::fs::remove_dir_all(netns_etc(name));
     }
+}
+
+/// Where `ip netns exec NAME` finds files it bind-mounts over /etc.
+pub fn netns_etc(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
+/// Write a pod's resolv.conf from a CNI result's `dns` object.
+fn write_resolv_conf(netns: &str, dns: &Value) -> Result<()> {
+    let list = |k: &str| -> Vec<String> {
+        dns[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut text = String::new();
+    for ns in list("nameservers") {
+        text += &format!("nameserver {ns}\n");
+    }
+    let search = list("search");
+    if !search.is_empty() {
+        text += &format!("search {}\n", search.join(" "));
+    }
+    let options = list("options");
+    if !options.is_empty() {
+        text += &format!("options {}\n", options.join(" "));
+    }
+    let dir = netns_etc(netns);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("resolv.conf"), text)
+        .with_context(|| format!("writing {}/resolv.conf", dir.display()))?;
+    Ok(())
 }
 
 /// The node cgroup a process or thread "inside" network namespace `netns`
@@ -1131,7 +1168,13 @@ impl Cluster {
         self.control = Some(control);
 
         // The external host's workload.
-        let child = self.spawn_workload(&ext, "external", &self.tmp.0.join("external.log"))?;
+        // The external host is also the nodes' upstream DNS server.
+        let child = self.spawn_workload_with(
+            &ext,
+            "external",
+            &self.tmp.0.join("external.log"),
+            &["--dns", "53"],
+        )?;
         self.workloads.push(child);
 
         // Nodes.
@@ -1255,6 +1298,16 @@ impl Cluster {
     }
 
     fn spawn_workload(&self, netns: &str, name: &str, log: &Path) -> Result<Child> {
+        self.spawn_workload_with(netns, name, log, &[])
+    }
+
+    fn spawn_workload_with(
+        &self,
+        netns: &str,
+        name: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Child> {
         let log = log_file(log)?;
         let mut cmd = Command::new("ip");
         enter_node_cgroup(&mut cmd, netns)?;
@@ -1264,6 +1317,7 @@ impl Cluster {
             .args(["--name", name])
             .args(["--http", &HTTP_PORT.to_string()])
             .args(["--udp", &UDP_PORT.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1319,6 +1373,8 @@ impl Cluster {
             .args(["--node-name", &node.name])
             .args(["--node-ip", &node.ip.to_string()])
             .args(["--cluster-cidr", CLUSTER_CIDR, "--cluster-dns", CLUSTER_DNS])
+            // Names outside the cluster go to the external host's DNS.
+            .args(["--dns-upstream", &format!("{EXTERNAL_IP}:53")])
             .arg("--node-state")
             .arg(&node.state_path)
             .arg("--socket")
@@ -1520,6 +1576,9 @@ impl Cluster {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse::<Ipv4Addr>().ok())
             .with_context(|| format!("CNI ADD result has no ips[0].address: {result}"))?;
+        // What a runtime does with the CNI result's DNS: the pod's
+        // resolv.conf (`ip netns exec` bind-mounts /etc/netns/NAME/*).
+        write_resolv_conf(&netns, &result["dns"])?;
         pod.ip = addr;
         pod.cni_result = result;
         *self.pods.last_mut().expect("pushed above") = pod.clone();
@@ -1562,6 +1621,7 @@ impl Cluster {
         self.pods.retain(|p| p.container_id != pod.container_id);
         cgroups::unregister(&pod.netns);
         ip(&["netns", "del", &pod.netns])?;
+        let _ = std::fs::remove_dir_all(netns_etc(&pod.netns));
         self.namespaces.retain(|n| n != &pod.netns);
         let _ = self.delete(&format!(
             "/api/v1/namespaces/{}/pods/{}?gracePeriodSeconds=0",
@@ -1784,6 +1844,7 @@ impl Drop for Cluster {
             if let Err(e) = ip(&["netns", "del", ns]) {
                 eprintln!("cluster {}: {e:#}", self.prefix);
             }
+            let _ = std::fs::remove_dir_all(netns_etc(ns));
         }
         // Every process we started is gone: the node cgroups are empty
         // unless something else joined them, which is reported, not killed.

@@ -69,6 +69,7 @@ pub fn plan(services: Vec<ServiceEntry>) -> ServicePlan {
         synced: true,
         services: services.into_iter().map(|s| (s.key(), s)).collect(),
         nodes: BTreeMap::new(),
+        pods: Default::default(),
     };
     build(&view, &config())
 }

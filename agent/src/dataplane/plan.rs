@@ -485,6 +485,7 @@ mod tests {
             .map(|s| (s.key(), s))
             .collect(),
             nodes: Default::default(),
+            pods: Default::default(),
         };
         let cfg = fixtures::config();
         let mut builder = PlanBuilder::default();

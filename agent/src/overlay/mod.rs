@@ -528,6 +528,7 @@ mod tests {
             synced: true,
             services: Default::default(),
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            pods: Default::default(),
         }
     }
 

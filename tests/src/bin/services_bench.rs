@@ -374,6 +374,7 @@ fn view_of(services: impl IntoIterator<Item = ServiceEntry>) -> NodeView {
         synced: true,
         services: services.into_iter().map(|s| (s.key(), s)).collect(),
         nodes: BTreeMap::new(),
+        pods: Default::default(),
     }
 }
 

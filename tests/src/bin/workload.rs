@@ -15,6 +15,11 @@
 //! the received payload, so a client checks both who answered and that the
 //! whole datagram arrived.
 //!
+//! DNS on `--dns` (UDP; the external host runs it as the cluster's upstream
+//! server): `example.test` and names below it answer A with the address
+//! the query arrived on, AAAA with no records; anything else is NXDOMAIN.
+//! Every answer has TTL 60. Malformed queries are ignored.
+//!
 //! Only std: it starts in a few milliseconds and has no runtime to tune.
 
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +27,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 fn usage() -> ! {
-    eprintln!("usage: weft-workload --name NAME [--http PORT] [--udp PORT]");
+    eprintln!("usage: weft-workload --name NAME [--http PORT] [--udp PORT] [--dns PORT]");
     std::process::exit(2);
 }
 
@@ -30,6 +35,7 @@ fn main() {
     let mut name = None;
     let mut http = None;
     let mut udp = None;
+    let mut dns = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -37,6 +43,7 @@ fn main() {
             "--name" => name = Some(value()),
             "--http" => http = Some(value().parse::<u16>().unwrap_or_else(|_| usage())),
             "--udp" => udp = Some(value().parse::<u16>().unwrap_or_else(|_| usage())),
+            "--dns" => dns = Some(value().parse::<u16>().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -45,6 +52,14 @@ fn main() {
         usage();
     }
     let mut threads = Vec::new();
+    if let Some(port) = dns {
+        let sock = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
+            eprintln!("weft-workload: binding udp/{port} (dns): {e}");
+            std::process::exit(1)
+        });
+        threads.push(std::thread::spawn(move || dns_server(sock)));
+        eprintln!("weft-workload {name}: dns on {port}");
+    }
     if let Some(port) = udp {
         let sock = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
             eprintln!("weft-workload: binding udp/{port}: {e}");
@@ -82,6 +97,74 @@ fn udp_echo(sock: UdpSocket, name: &str) {
             eprintln!("weft-workload: udp reply to {peer}: {e}");
         }
     }
+}
+
+fn dns_server(sock: UdpSocket) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        // The address the query was sent to: the one the host answers with.
+        let me = match peer {
+            std::net::SocketAddr::V4(_) => local_v4_towards(peer),
+            _ => None,
+        };
+        if let Some(reply) = dns_answer(&buf[..n], me) {
+            let _ = sock.send_to(&reply, peer);
+        }
+    }
+}
+
+/// The local IPv4 address the kernel picks to reach `peer`.
+fn local_v4_towards(peer: std::net::SocketAddr) -> Option<[u8; 4]> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect(peer).ok()?;
+    match s.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(a) => Some(a.octets()),
+        _ => None,
+    }
+}
+
+/// A response to one DNS query, or `None` for anything malformed.
+fn dns_answer(q: &[u8], addr: Option<[u8; 4]>) -> Option<Vec<u8>> {
+    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    // The question: labels, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    q.get(..question_end)?;
+    let name = labels.join(".");
+    let ours = name == "example.test" || name.ends_with(".example.test");
+    let mut out = Vec::with_capacity(question_end + 16);
+    out.extend_from_slice(&q[..2]);
+    // QR, RD copied, RA; rcode 3 (NXDOMAIN) unless the name is ours.
+    out.push(0x80 | (q[2] & 0x01));
+    out.push(0x80 | if ours { 0 } else { 3 });
+    let answer = ours && qtype == 1 && addr.is_some();
+    out.extend_from_slice(&[0, 1, 0, answer as u8, 0, 0, 0, 0]);
+    out.extend_from_slice(&q[12..question_end]);
+    if let (true, Some(a)) = (answer, addr) {
+        // Name: pointer to the question; A IN, TTL 60, 4 bytes.
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        out.extend_from_slice(&a);
+    }
+    Some(out)
 }
 
 fn serve_http(listener: TcpListener, name: String) {

@@ -221,6 +221,7 @@ mod tests {
             synced: true,
             services: services.into_iter().map(|s| (s.key(), s)).collect(),
             nodes: BTreeMap::new(),
+            pods: Default::default(),
         };
         let mut cfg = config();
         cfg.localhost_node_ports = true;

@@ -874,6 +874,7 @@ mod tests {
                 synced: true,
                 services: self.services.iter().map(|s| (s.key(), s.clone())).collect(),
                 nodes: Default::default(),
+                pods: Default::default(),
             };
             self.builder.build(&view, &config())
         }
@@ -884,6 +885,7 @@ mod tests {
                 synced: true,
                 services: self.services.iter().map(|s| (s.key(), s.clone())).collect(),
                 nodes: Default::default(),
+                pods: Default::default(),
             };
             let changed = names
                 .iter()

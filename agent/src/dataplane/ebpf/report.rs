@@ -704,6 +704,7 @@ mod tests {
             synced: true,
             services: services.into_iter().map(|s| (s.key(), s)).collect(),
             nodes: BTreeMap::new(),
+            pods: Default::default(),
         };
         build(&view, &config())
     }

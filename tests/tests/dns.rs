@@ -134,6 +134,22 @@ fn cluster_dns_from_pods_and_nodes() -> Result<()> {
         })?;
         ensure!(ips == [vip.clone()], "{name}: {ips:?}, want {vip}");
     }
+    // The server knows the client pod's namespace: the first step of the
+    // search path for `web.dns-a` (web.dns-a.dns-a.svc.cluster.local, which
+    // does not exist) is answered at once with a CNAME to the name the
+    // resolver would have found two round trips later.
+    let walked = eventually("server-side search path", WAIT, || {
+        let a = dig(&c, &client.netns, &["web.dns-a.dns-a.svc.cluster.local"])?;
+        ensure!(a.len() == 2, "{a:?}");
+        Ok(a)
+    })?;
+    ensure!(
+        walked == [vip.clone(), "web.dns-a.svc.cluster.local.".to_string()],
+        "search path answer: {walked:?}"
+    );
+    // A host that is no pod gets the plain NXDOMAIN (its resolver walks on).
+    let node1 = c.nodes[1].netns.clone();
+    ensure!(dig_status(&c, &node1, &["web.dns-a.dns-a.svc.cluster.local"])? == "NXDOMAIN");
     // Cross-namespace: from a pod of another namespace on the other node.
     ensure!(getent(&c, &other.netns, "web.dns-a")? == [vip.clone()]);
     // ...where the short name means its own namespace: nothing there.

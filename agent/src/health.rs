@@ -80,11 +80,19 @@ pub struct Metrics {
     conntrack_deleted: AtomicU64,
     /// `f64` bits of the UNIX time of the last sync; 0 before the first.
     last_sync: AtomicU64,
+    /// The node's cluster DNS server, when it runs: its counters are
+    /// rendered with the rest.
+    dns: std::sync::OnceLock<std::sync::Arc<weft_dns::ClusterDns>>,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         Metrics::default()
+    }
+
+    /// Render the counters of this node's cluster DNS server too.
+    pub fn set_dns(&self, dns: std::sync::Arc<weft_dns::ClusterDns>) {
+        let _ = self.dns.set(dns);
     }
 
     /// A sync of `dataplane` completed in `seconds`: one observation of
@@ -249,7 +257,126 @@ impl Metrics {
             header(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+        if let Some(dns) = self.dns.get() {
+            render_dns(&mut out, dns);
+        }
         out
+    }
+}
+
+/// The cluster DNS server's counters (`weft_dns_*`).
+fn render_dns(out: &mut String, dns: &weft_dns::ClusterDns) {
+    let st = &dns.stats;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    header(
+        out,
+        "weft_dns_requests_total",
+        "DNS requests received by the node's cluster DNS server.",
+        "counter",
+    );
+    let _ = writeln!(out, "weft_dns_requests_total {}", get(&st.queries));
+    header(
+        out,
+        "weft_dns_responses_total",
+        "DNS responses with an error rcode, by rcode.",
+        "counter",
+    );
+    for (rcode, c) in [
+        ("NXDOMAIN", &st.nxdomain),
+        ("SERVFAIL", &st.servfail),
+        ("FORMERR", &st.formerr),
+        ("NOTIMP", &st.notimp),
+        ("REFUSED", &st.refused),
+    ] {
+        let _ = writeln!(
+            out,
+            "weft_dns_responses_total{{rcode=\"{rcode}\"}} {}",
+            get(c)
+        );
+    }
+    let snap = dns.snapshot();
+    let mut scalars: Vec<(&str, &str, &str, u64)> = vec![
+        (
+            "weft_dns_answered_locally_total",
+            "Requests answered from the cluster zone without the upstreams.",
+            "counter",
+            get(&st.answered_locally),
+        ),
+        (
+            "weft_dns_forwarded_total",
+            "Requests forwarded to the upstream servers.",
+            "counter",
+            get(&st.forwarded),
+        ),
+        (
+            "weft_dns_search_path_hits_total",
+            "Search paths walked on the server (answered with a CNAME in one round trip).",
+            "counter",
+            get(&st.search_path_hits),
+        ),
+        (
+            "weft_dns_truncated_total",
+            "UDP responses sent truncated (TC).",
+            "counter",
+            get(&st.truncated),
+        ),
+        (
+            "weft_dns_dropped_total",
+            "Requests dropped unanswered (responses, shorter than a header).",
+            "counter",
+            get(&st.dropped),
+        ),
+        (
+            "weft_dns_zone_services",
+            "Services in the cluster zone.",
+            "gauge",
+            snap.services.len() as u64,
+        ),
+        (
+            "weft_dns_zone_revision",
+            "View revision the cluster zone was built from.",
+            "gauge",
+            snap.rev,
+        ),
+    ];
+    if let Some(f) = dns.forwarder() {
+        let f = f.stats();
+        scalars.extend([
+            (
+                "weft_dns_cache_hits_total",
+                "Forwarded requests answered from the cache.",
+                "counter",
+                f.cache_hits,
+            ),
+            (
+                "weft_dns_coalesced_total",
+                "Forwarded requests that joined an identical one in flight.",
+                "counter",
+                f.coalesced,
+            ),
+            (
+                "weft_dns_upstream_failures_total",
+                "Upstream exchanges that failed (timeout, error, bad answer).",
+                "counter",
+                f.upstream_failures,
+            ),
+            (
+                "weft_dns_stale_served_total",
+                "Expired cache entries served because the upstreams failed.",
+                "counter",
+                f.stale_served,
+            ),
+            (
+                "weft_dns_cache_entries",
+                "Entries in the forwarder's cache.",
+                "gauge",
+                f.entries,
+            ),
+        ]);
+    }
+    for (name, help, kind, value) in scalars {
+        header(out, name, help, kind);
+        let _ = writeln!(out, "{name} {value}");
     }
 }
 

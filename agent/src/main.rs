@@ -382,7 +382,7 @@ async fn start_dns(
     view: weft_agent::sync::SharedView,
     revs: tokio::sync::watch::Receiver<u64>,
     changes: weft_agent::sync::SharedChanges,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::sync::Arc<weft_dns::ClusterDns>> {
     use weft_dns::forward::{ForwardConfig, Forwarder};
     let zone = weft_dns::ZoneConfig::new(
         &args.cluster_domain,
@@ -457,8 +457,13 @@ async fn start_dns(
         server.wait().await;
         tracing::error!("cluster DNS listeners ended");
     });
-    tokio::spawn(weft_agent::dns_host::follow(dns, view, revs, changes));
-    Ok(())
+    tokio::spawn(weft_agent::dns_host::follow(
+        dns.clone(),
+        view,
+        revs,
+        changes,
+    ));
+    Ok(dns)
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -490,9 +495,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             tx,
             vec![service_changes.clone(), dns_changes.clone()],
         ));
-        if !args.no_dns {
-            start_dns(&args, view.clone(), rx.clone(), dns_changes).await?;
-        }
+        let dns = if args.no_dns {
+            None
+        } else {
+            Some(start_dns(&args, view.clone(), rx.clone(), dns_changes).await?)
+        };
         let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
         let reports_tx_late = reports_tx.clone();
         let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<weft_agent::local_api::Query>(16);
@@ -567,6 +574,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::time::Duration::from_secs(args.healthz_timeout_seconds.max(1)),
         ));
         let metrics = Arc::new(weft_agent::health::Metrics::default());
+        if let Some(dns) = &dns {
+            metrics.set_dns(dns.clone());
+        }
         let listener = tokio::net::TcpListener::bind(args.health_listen)
             .await
             .with_context(|| format!("binding --health-listen {}", args.health_listen))?;

@@ -73,6 +73,7 @@ pub struct Pending {
 }
 
 /// The cluster DNS request handler.
+#[derive(Debug)]
 pub struct ClusterDns {
     snapshot: ArcSwap<Snapshot>,
     forwarder: Option<Arc<Forwarder>>,
@@ -865,5 +866,54 @@ mod tests {
             rdata(&ask(&d, &q, HOST, Transport::Udp).await),
             ["198.19.0.99"]
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any bytes: no panic, and whatever is sent back parses and is a
+        /// response with the request's id, within the UDP size.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600), tcp in proptest::bool::ANY) {
+            let d = dns(None);
+            let t = if tcp { Transport::Tcp } else { Transport::Udp };
+            for src in [POD, HOST] {
+                if let Outcome::Reply(out) = d.respond_now(&bytes, src.parse().unwrap(), t) {
+                    let m = Message::from_vec(&out).expect("replies parse");
+                    proptest::prop_assert_eq!(m.metadata.message_type, MessageType::Response);
+                    proptest::prop_assert_eq!(m.metadata.id, u16::from_be_bytes([bytes[0], bytes[1]]));
+                    if !tcp {
+                        proptest::prop_assert!(out.len() <= MAX_UDP_PAYLOAD as usize);
+                    }
+                }
+            }
+        }
+
+        /// Valid queries with bytes flipped: the same guarantees.
+        #[test]
+        fn mutated_queries_never_panic(
+            name in "[a-z0-9_-]{1,12}(\\.[a-z0-9_-]{1,12}){0,6}",
+            qtype in proptest::sample::select(vec![RecordType::A, RecordType::AAAA, RecordType::SRV, RecordType::PTR, RecordType::TXT, RecordType::ANY, RecordType::SOA, RecordType::NS, RecordType::CNAME]),
+            suffix in proptest::sample::select(vec!["", "shop.svc.cluster.local.", "svc.cluster.local.", "cluster.local.", "in-addr.arpa.", "pod.cluster.local."]),
+            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 0..4),
+            edns in proptest::bool::ANY,
+        ) {
+            let d = dns(None);
+            let full = if suffix.is_empty() { format!("{name}.") } else { format!("{name}.{suffix}") };
+            let Ok(n) = Name::from_ascii(&full) else { return Ok(()) };
+            let mut m = Message::query();
+            m.metadata.id = 77;
+            m.add_query(Query::query(n, qtype));
+            let m = if edns { with_edns(m, 1232) } else { m };
+            let mut raw = m.to_vec().unwrap();
+            for (at, b) in flips {
+                let i = at % raw.len();
+                raw[i] ^= b;
+            }
+            if let Outcome::Reply(out) = d.respond_now(&raw, POD.parse().unwrap(), Transport::Udp) {
+                let r = Message::from_vec(&out).expect("replies parse");
+                proptest::prop_assert_eq!(r.metadata.message_type, MessageType::Response);
+                proptest::prop_assert!(out.len() <= MAX_UDP_PAYLOAD as usize);
+            }
+        }
     }
 }

@@ -264,6 +264,21 @@ fn cluster_dns_from_pods_and_nodes() -> Result<()> {
         ensure!(dig_status(&c, &client.netns, &["fresh.dns-a.svc.cluster.local"])? == "NXDOMAIN");
         Ok(())
     })?;
+    // The server's counters on the client's node.
+    let metrics = weft_e2e::cluster::http_text(&node1, c.nodes[1].ip, 10256, "/metrics")?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(-1.0)
+    };
+    ensure!(value("weft_dns_requests_total ") > 10.0, "{metrics}");
+    ensure!(
+        value("weft_dns_search_path_hits_total ") >= 1.0,
+        "{metrics}"
+    );
+    ensure!(value("weft_dns_forwarded_total ") >= 1.0, "{metrics}");
+    ensure!(value("weft_dns_zone_services ") >= 3.0, "{metrics}");
     println!("cluster DNS e2e took {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! Compiling stored objects into the node view's entries: a Service with its
-//! EndpointSlices becomes one `ServiceEntry`, a Node one `NodeEntry`. Runs once
-//! per change on the control plane; agents only ever see the result.
+//! EndpointSlices becomes one `ServiceEntry`, a Node one `NodeEntry`, a Pod
+//! that owns pod IPs one `PodEntry`. Runs once per change on the control
+//! plane; agents only ever see the result.
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use weft_model::view::{FrontendPort, Protocol, ServiceType};
-use weft_model::{Backend, BackendPort, NodeEntry, ServiceEntry};
+use weft_model::{Backend, BackendPort, NodeEntry, PodEntry, ServiceEntry};
 
 pub const VTEP_IP_ANNOTATION: &str = "weft.dev/vtep-ip";
 pub const VTEP_MAC_ANNOTATION: &str = "weft.dev/vtep-mac";
@@ -203,6 +204,52 @@ pub fn node_entry(node: &Node) -> NodeEntry {
     }
 }
 
+/// The entry for a Pod, or `None` when the Pod owns no pod IP: none assigned
+/// yet, `hostNetwork` (its address is its node's, which the pod must not be
+/// taken to own), or terminal (`Succeeded`/`Failed`: the runtime released its
+/// addresses, which may already belong to another pod). A terminating pod
+/// still holds its addresses and keeps its entry.
+pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    // podIPs is authoritative when set (podIP is its first item); older
+    // writers set podIP alone.
+    let listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    let sources = if listed.is_empty() {
+        status.pod_ip.as_deref().into_iter().collect()
+    } else {
+        listed
+    };
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(sources.len());
+    for ip in sources.into_iter().filter_map(|s| s.parse::<IpAddr>().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    Some(PodEntry {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ips,
+        node: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +314,71 @@ mod tests {
         assert_eq!(e.vtep_ip, Some("198.18.0.11".parse().unwrap()));
         assert_eq!(e.vtep_mac.as_deref(), Some("02:00:00:00:00:01"));
         assert!(e.ready);
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-0", "namespace": "shop"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_entry_ips_from_pod_ips_then_pod_ip() {
+        let e = pod_entry(&pod(json!({
+            "phase": "Running", "podIP": "198.18.128.5",
+            "podIPs": [{"ip": "198.18.128.5"}, {"ip": "fd00::5"}, {"ip": "198.18.128.5"}]
+        })))
+        .unwrap();
+        assert_eq!((e.namespace.as_str(), e.name.as_str()), ("shop", "web-0"));
+        assert_eq!(
+            e.ips,
+            [
+                "198.18.128.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(e.node.as_deref(), Some("n1"));
+
+        // podIP alone (no podIPs): still the pod's address.
+        let e = pod_entry(&pod(json!({"phase": "Pending", "podIP": "198.18.128.6"}))).unwrap();
+        assert_eq!(e.ips, ["198.18.128.6".parse::<IpAddr>().unwrap()]);
+
+        // A terminating pod still owns its address.
+        let mut p = pod(json!({"phase": "Running", "podIP": "198.18.128.7"}));
+        p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(pod_entry(&p).is_some());
+
+        // Not scheduled yet: no node.
+        let mut p = pod(json!({"podIP": "198.18.128.8"}));
+        p.spec.as_mut().unwrap().node_name = None;
+        assert_eq!(pod_entry(&p).unwrap().node, None);
+    }
+
+    #[test]
+    fn pod_entry_leaves_out_pods_that_own_no_pod_ip() {
+        // No address yet, or none that parses.
+        assert_eq!(pod_entry(&pod(json!({"phase": "Pending"}))), None);
+        assert_eq!(pod_entry(&pod(json!({"podIP": "not-an-ip"}))), None);
+        let mut p = pod(json!({"podIP": "198.18.128.5"}));
+        p.status = None;
+        assert_eq!(pod_entry(&p), None);
+        // Terminal phases released their addresses.
+        for phase in ["Succeeded", "Failed"] {
+            assert_eq!(
+                pod_entry(&pod(json!({"phase": phase, "podIP": "198.18.128.5"}))),
+                None,
+                "{phase}"
+            );
+        }
+        // hostNetwork: the address is the node's, not the pod's.
+        let mut p = pod(json!({"phase": "Running", "podIP": "198.18.0.11",
+            "podIPs": [{"ip": "198.18.0.11"}]}));
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(pod_entry(&p), None);
     }
 }

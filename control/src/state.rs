@@ -144,6 +144,10 @@ struct Inner {
     /// Compiled Services with their JSON, encoded once and reused by every Reset and Delta.
     view_services: BTreeMap<(String, String), (ServiceEntry, Bytes)>,
     view_nodes: BTreeMap<String, NodeEntry>,
+    /// Compiled Pods, kept only as their JSON (reused by every Reset and
+    /// Delta): pods are the most numerous entries, and the encoding of an
+    /// entry is deterministic, so equal bytes mean an unchanged entry.
+    view_pods: BTreeMap<(String, String), Bytes>,
     snapshot: Option<(u64, Bytes)>,
     pending: VecDeque<Committed>,
     failed: Option<String>,
@@ -273,6 +277,7 @@ impl Control {
             terminating: BTreeSet::new(),
             view_services: BTreeMap::new(),
             view_nodes: BTreeMap::new(),
+            view_pods: BTreeMap::new(),
             snapshot: None,
             pending: VecDeque::new(),
             failed: None,
@@ -439,6 +444,7 @@ impl Control {
             inner.rev,
             inner.view_services.values().map(|(_, b)| b.as_ref()),
             &nodes,
+            inner.view_pods.values().map(|b| b.as_ref()),
         ));
         inner.snapshot = Some((inner.rev, bytes.clone()));
         (inner.rev, bytes)
@@ -731,6 +737,7 @@ impl Control {
         let mut events = Vec::new();
         let mut touched_services = BTreeSet::new();
         let mut touched_nodes = BTreeSet::new();
+        let mut touched_pods = BTreeSet::new();
         for (key, new) in encoded {
             let old = inner.objects.get(&key).cloned();
             inner.index(
@@ -757,6 +764,9 @@ impl Control {
                 }
                 Kind::Node => {
                     touched_nodes.insert(key.name.clone());
+                }
+                Kind::Pod => {
+                    touched_pods.insert((key.namespace.clone(), key.name.clone()));
                 }
                 _ => {}
             }
@@ -793,7 +803,7 @@ impl Control {
                 obj: stored.obj,
             }));
         }
-        let changes = inner.recompile(&touched_services, &touched_nodes);
+        let changes = inner.recompile(&touched_services, &touched_nodes, &touched_pods);
         inner.pending.push_back(Committed {
             rev,
             events,
@@ -1218,14 +1228,19 @@ impl Inner {
             .range(Kind::Node, None)
             .map(|s| s.obj.name().to_string())
             .collect();
-        self.recompile(&services, &nodes);
+        let pods: BTreeSet<(String, String)> = self
+            .range(Kind::Pod, None)
+            .map(|s| (s.obj.namespace().to_string(), s.obj.name().to_string()))
+            .collect();
+        self.recompile(&services, &nodes, &pods);
     }
 
-    /// Recompute view entries of touched Services and Nodes; return what changed.
+    /// Recompute view entries of touched Services, Nodes and Pods; return what changed.
     fn recompile(
         &mut self,
         services: &BTreeSet<(String, String)>,
         nodes: &BTreeSet<String>,
+        pods: &BTreeSet<(String, String)>,
     ) -> Vec<Bytes> {
         let mut changes = Vec::new();
         for (ns, name) in services {
@@ -1284,6 +1299,31 @@ impl Inner {
                 _ => {
                     if self.view_nodes.remove(name).is_some() {
                         changes.push(Bytes::from(wire::change(&Change::NodeRemoved {
+                            name: name.clone(),
+                        })));
+                    }
+                }
+            }
+        }
+        for (ns, name) in pods {
+            let key = ObjectKey::new(Kind::Pod, ns, name);
+            let entry = match self.objects.get(&key).map(|s| &*s.obj) {
+                Some(Object::Pod(p)) => compile::pod_entry(p),
+                _ => None,
+            };
+            let k = (ns.clone(), name.clone());
+            match entry {
+                Some(e) => {
+                    let json = Bytes::from(wire::pod(&e));
+                    if self.view_pods.get(&k) != Some(&json) {
+                        changes.push(Bytes::from(wire::pod_change(&json)));
+                        self.view_pods.insert(k, json);
+                    }
+                }
+                None => {
+                    if self.view_pods.remove(&k).is_some() {
+                        changes.push(Bytes::from(wire::change(&Change::PodRemoved {
+                            namespace: ns.clone(),
                             name: name.clone(),
                         })));
                     }
@@ -1630,5 +1670,237 @@ fn same_alloc(a: &Alloc, b: &Alloc) -> bool {
         (Alloc::Port(p, n), Alloc::Port(q, m)) => p == q && n == m,
         (Alloc::Subnet(x), Alloc::Subnet(y)) => x == y,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ADMIN_GROUP;
+    use crate::store::MemoryStore;
+    use serde_json::{json, Value};
+    use weft_model::{PodEntry, StreamFrame};
+
+    fn admin() -> Identity {
+        Identity {
+            user: "admin".into(),
+            groups: vec![ADMIN_GROUP.into()],
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            service_cidr: "198.19.0.0/16".parse().unwrap(),
+            cluster_cidr: "198.18.128.0/17".parse().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    fn control() -> Arc<Control> {
+        let c = Control::open(settings(), Box::new(MemoryStore::new())).unwrap();
+        c.bootstrap().unwrap();
+        c
+    }
+
+    /// The view changes committed at `rev`, decoded as an agent reads them.
+    fn changes(c: &Control, rev: u64) -> Vec<Change> {
+        c.lock()
+            .pending
+            .iter()
+            .filter(|p| p.rev == rev)
+            .flat_map(|p| p.changes.iter())
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    fn pod_body(name: &str, node: &str, host_network: bool) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"nodeName": node, "hostNetwork": host_network,
+                "containers": [{"name": "c", "image": "busybox"}]}
+        })
+    }
+
+    /// Write the Pod's status as its node's agent does; returns the revision.
+    fn set_status(c: &Control, name: &str, status: Value) -> u64 {
+        let mut body = pod_body(name, "n1", false);
+        body["status"] = status;
+        let (_, rev) = c
+            .update(&admin(), Kind::Pod, Some("default"), name, body, true)
+            .unwrap();
+        rev
+    }
+
+    fn entry(name: &str, ips: &[&str], node: &str) -> PodEntry {
+        PodEntry {
+            namespace: "default".into(),
+            name: name.into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            node: Some(node.into()),
+        }
+    }
+
+    fn removed(name: &str) -> Change {
+        Change::PodRemoved {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    fn snapshot_pods(c: &Control) -> Vec<PodEntry> {
+        let (_, bytes) = c.snapshot();
+        match StreamFrame::decode(&bytes[..bytes.len() - 1]).unwrap() {
+            StreamFrame::Reset { pods, .. } => pods,
+            f => panic!("not a reset: {f:?}"),
+        }
+    }
+
+    #[test]
+    fn pod_writes_produce_pod_deltas() {
+        let c = control();
+        let running = |ip: &str| {
+            json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "False"}]})
+        };
+
+        // Created without an address: nothing to carry yet.
+        let (_, rev) = c
+            .create(
+                &admin(),
+                Kind::Pod,
+                Some("default"),
+                pod_body("web-0", "n1", false),
+            )
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+        assert_eq!(snapshot_pods(&c), []);
+
+        // The agent reports the pod IP.
+        let rev = set_status(&c, "web-0", running("198.18.128.5"));
+        let web0 = entry("web-0", &["198.18.128.5"], "n1");
+        assert_eq!(changes(&c, rev), [Change::Pod { pod: web0.clone() }]);
+        assert_eq!(snapshot_pods(&c), std::slice::from_ref(&web0));
+
+        // A status change that leaves the entry as it was emits nothing.
+        let mut ready = running("198.18.128.5");
+        ready["conditions"][0]["status"] = json!("True");
+        let rev = set_status(&c, "web-0", ready);
+        assert_eq!(changes(&c, rev), []);
+
+        // A new address replaces the entry.
+        let rev = set_status(&c, "web-0", running("198.18.128.6"));
+        let web0 = entry("web-0", &["198.18.128.6"], "n1");
+        assert_eq!(changes(&c, rev), [Change::Pod { pod: web0.clone() }]);
+
+        // A terminal phase releases the address; deleting the pod then emits nothing.
+        let (_, rev) = c
+            .create(
+                &admin(),
+                Kind::Pod,
+                Some("default"),
+                pod_body("job-0", "n1", false),
+            )
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+        let rev = set_status(&c, "job-0", running("198.18.128.7"));
+        assert_eq!(
+            changes(&c, rev),
+            [Change::Pod {
+                pod: entry("job-0", &["198.18.128.7"], "n1")
+            }]
+        );
+        let mut done = running("198.18.128.7");
+        done["phase"] = json!("Succeeded");
+        let rev = set_status(&c, "job-0", done);
+        assert_eq!(changes(&c, rev), [removed("job-0")]);
+        let opts = DeleteOptions {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        let (_, rev) = c
+            .delete(&admin(), Kind::Pod, "default", "job-0", &opts)
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+
+        // A host-network pod shares its node's address: never carried.
+        let (_, rev) = c
+            .create(
+                &admin(),
+                Kind::Pod,
+                Some("default"),
+                pod_body("agent", "n1", true),
+            )
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+        let mut body = pod_body("agent", "n1", true);
+        body["status"] = running("198.18.0.11");
+        let (_, rev) = c
+            .update(&admin(), Kind::Pod, Some("default"), "agent", body, true)
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+        assert_eq!(snapshot_pods(&c), std::slice::from_ref(&web0));
+
+        // Graceful deletion: the terminating pod still owns its address...
+        let (_, rev) = c
+            .delete(&admin(), Kind::Pod, "default", "web-0", &Default::default())
+            .unwrap();
+        assert_eq!(changes(&c, rev), []);
+        assert_eq!(snapshot_pods(&c), [web0]);
+        // ...until it is gone.
+        let (_, rev) = c
+            .delete(&admin(), Kind::Pod, "default", "web-0", &opts)
+            .unwrap();
+        assert_eq!(changes(&c, rev), [removed("web-0")]);
+        assert_eq!(snapshot_pods(&c), []);
+    }
+
+    #[test]
+    fn deleting_a_node_removes_its_pods_from_the_view() {
+        let c = control();
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.12"}]}});
+        c.create(&admin(), Kind::Node, None, node).unwrap();
+        c.create(
+            &admin(),
+            Kind::Pod,
+            Some("default"),
+            pod_body("db-0", "n2", false),
+        )
+        .unwrap();
+        let mut body = pod_body("db-0", "n2", false);
+        body["status"] = json!({"phase": "Running", "podIP": "198.18.129.2"});
+        c.update(&admin(), Kind::Pod, Some("default"), "db-0", body, true)
+            .unwrap();
+        assert_eq!(snapshot_pods(&c), [entry("db-0", &["198.18.129.2"], "n2")]);
+        let (_, rev) = c
+            .delete(&admin(), Kind::Node, "", "n2", &Default::default())
+            .unwrap();
+        let got = changes(&c, rev);
+        assert!(got.contains(&removed("db-0")), "{got:?}");
+        assert!(
+            got.contains(&Change::NodeRemoved { name: "n2".into() }),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn stored_pods_are_in_the_view_after_a_restart() {
+        let mut pod = pod_body("web-0", "n1", false);
+        pod["status"] = json!({"phase": "Running", "podIP": "198.18.128.5"});
+        let mut ended = pod_body("job-0", "n1", false);
+        ended["status"] = json!({"phase": "Failed", "podIP": "198.18.128.6"});
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+        let entries = [
+            ("namespaces/default", ns),
+            ("pods/default/web-0", pod),
+            ("pods/default/job-0", ended),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Bytes::from(v.to_string())))
+        .collect();
+        let store = MemoryStore::with_snapshot(crate::store::Snapshot { rev: 3, entries });
+        let c = Control::open(settings(), Box::new(store)).unwrap();
+        assert_eq!(snapshot_pods(&c), [entry("web-0", &["198.18.128.5"], "n1")]);
     }
 }

@@ -14,7 +14,9 @@ pub use manifest::{parse_manifests, ManifestError};
 pub use objects::{Kind, Object, ObjectKey};
 pub use selector::{LabelSelector, SelectorError};
 pub use validate::{FieldError, FieldErrorKind, ValidationContext};
-pub use view::{Backend, BackendPort, Change, NodeEntry, NodeView, ServiceEntry, StreamFrame};
+pub use view::{
+    Backend, BackendPort, Change, NodeEntry, NodeView, PodEntry, ServiceEntry, StreamFrame,
+};
 
 /// Re-exported so that every crate names the same Kubernetes types.
 pub use k8s_openapi;

@@ -1,7 +1,9 @@
 //! The compiled node view the control plane pushes to every agent, and the
 //! frames of the push stream. Agents never see raw objects: a Service arrives
 //! as one [`ServiceEntry`] (its frontends and every backend from all of its
-//! EndpointSlices), a Node as one [`NodeEntry`] (subnet and overlay endpoint).
+//! EndpointSlices), a Node as one [`NodeEntry`] (subnet and overlay endpoint),
+//! a Pod as one [`PodEntry`] (its addresses, for cluster DNS pod records and
+//! for telling which pod owns a source address).
 //!
 //! Entries name each backend's node instead of carrying a per-node "local"
 //! bit, so one encoding serves every subscriber; an agent derives locality
@@ -205,6 +207,34 @@ pub struct NodeEntry {
     pub ready: bool,
 }
 
+/// A Pod compiled for agents: who owns which pod IPs. Only pods that own
+/// their addresses are carried: at least one assigned pod IP, not
+/// `hostNetwork` (such a pod shares its node's IP and must not be taken for
+/// its owner), and not terminal (`Succeeded`/`Failed` pods release their
+/// IPs, as the endpoints controller leaves them out). Pods are the most
+/// numerous entries of the view, so the entry stays small.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PodEntry {
+    pub namespace: String,
+    pub name: String,
+    /// `status.podIPs` (or `status.podIP`), primary first; never empty.
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`, once scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl PodEntry {
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    /// Drop spare capacity left by decoding.
+    pub fn shrink(&mut self) {
+        self.ips.shrink_to_fit();
+    }
+}
+
 /// One change inside a delta.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op")]
@@ -224,6 +254,15 @@ pub enum Change {
     NodeRemoved {
         name: String,
     },
+    /// Add or replace a Pod entry.
+    Pod {
+        pod: PodEntry,
+    },
+    /// The Pod is gone or no longer owns addresses (terminal, unassigned).
+    PodRemoved {
+        namespace: String,
+        name: String,
+    },
 }
 
 /// One frame of the push stream.
@@ -235,6 +274,9 @@ pub enum StreamFrame {
         rev: u64,
         services: Vec<ServiceEntry>,
         nodes: Vec<NodeEntry>,
+        /// Absent in frames of control planes that predate pods in the view.
+        #[serde(default)]
+        pods: Vec<PodEntry>,
     },
     /// Changes that take the view from the previous revision to `rev`.
     Delta { rev: u64, changes: Vec<Change> },
@@ -265,7 +307,7 @@ impl StreamFrame {
 
 /// Building frames from pre-encoded pieces; the result decodes as [`StreamFrame`].
 pub mod wire {
-    use super::{Change, NodeEntry, ServiceEntry};
+    use super::{Change, NodeEntry, PodEntry, ServiceEntry};
 
     /// An entry's JSON, to be kept and reused by [`reset`] and [`service_change`].
     pub fn service(entry: &ServiceEntry) -> Vec<u8> {
@@ -276,6 +318,20 @@ pub mod wire {
     pub fn service_change(encoded: &[u8]) -> Vec<u8> {
         let mut v = Vec::with_capacity(encoded.len() + 32);
         v.extend_from_slice(b"{\"op\":\"Service\",\"service\":");
+        v.extend_from_slice(encoded);
+        v.push(b'}');
+        v
+    }
+
+    /// A Pod entry's JSON, to be kept and reused by [`reset`] and [`pod_change`].
+    pub fn pod(entry: &PodEntry) -> Vec<u8> {
+        serde_json::to_vec(entry).unwrap_or_default()
+    }
+
+    /// The JSON of `Change::Pod` around an entry encoded by [`pod`].
+    pub fn pod_change(encoded: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(encoded.len() + 24);
+        v.extend_from_slice(b"{\"op\":\"Pod\",\"pod\":");
         v.extend_from_slice(encoded);
         v.push(b'}');
         v
@@ -306,17 +362,20 @@ pub mod wire {
         v
     }
 
-    /// A Reset frame line from encoded services and the nodes.
+    /// A Reset frame line from encoded services, the nodes and encoded pods.
     pub fn reset<'a>(
         rev: u64,
         services: impl Iterator<Item = &'a [u8]>,
         nodes: &[&NodeEntry],
+        pods: impl Iterator<Item = &'a [u8]>,
     ) -> Vec<u8> {
         let mut v =
             format!("{{\"type\":\"Reset\",\"data\":{{\"rev\":{rev},\"services\":").into_bytes();
         join(&mut v, services);
         v.extend_from_slice(b",\"nodes\":");
         v.extend_from_slice(&serde_json::to_vec(nodes).unwrap_or_else(|_| b"[]".to_vec()));
+        v.extend_from_slice(b",\"pods\":");
+        join(&mut v, pods);
         v.extend_from_slice(b"}}\n");
         v
     }
@@ -339,6 +398,8 @@ pub struct NodeView {
     pub synced: bool,
     pub services: BTreeMap<(String, String), ServiceEntry>,
     pub nodes: BTreeMap<String, NodeEntry>,
+    /// Pods that own pod IPs, cluster-wide, by (namespace, name).
+    pub pods: BTreeMap<(String, String), PodEntry>,
 }
 
 /// Where a client keeps the entries of its view. [`apply`] owns the stream's
@@ -349,11 +410,13 @@ pub trait ViewStore {
     fn synced(&self) -> bool;
     fn set_rev(&mut self, rev: u64);
     /// Replace everything with a snapshot (and mark the view synced).
-    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>);
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>, pods: Vec<PodEntry>);
     fn put_service(&mut self, service: ServiceEntry);
     fn remove_service(&mut self, namespace: String, name: String);
     fn put_node(&mut self, node: NodeEntry);
     fn remove_node(&mut self, name: String);
+    fn put_pod(&mut self, pod: PodEntry);
+    fn remove_pod(&mut self, namespace: String, name: String);
 }
 
 /// Apply one frame to any store, with the stream's ordering rules.
@@ -363,8 +426,9 @@ pub fn apply<S: ViewStore + ?Sized>(store: &mut S, frame: StreamFrame) -> Result
             rev,
             services,
             nodes,
+            pods,
         } => {
-            store.reset(services, nodes);
+            store.reset(services, nodes, pods);
             store.set_rev(rev);
         }
         StreamFrame::Delta { rev, changes } => {
@@ -385,6 +449,8 @@ pub fn apply<S: ViewStore + ?Sized>(store: &mut S, frame: StreamFrame) -> Result
                     }
                     Change::Node { node } => store.put_node(node),
                     Change::NodeRemoved { name } => store.remove_node(name),
+                    Change::Pod { pod } => store.put_pod(pod),
+                    Change::PodRemoved { namespace, name } => store.remove_pod(namespace, name),
                 }
             }
             store.set_rev(rev);
@@ -404,7 +470,7 @@ impl ViewStore for NodeView {
     fn set_rev(&mut self, rev: u64) {
         self.rev = rev;
     }
-    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>) {
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>, pods: Vec<PodEntry>) {
         self.synced = true;
         self.services = services
             .into_iter()
@@ -414,6 +480,13 @@ impl ViewStore for NodeView {
             })
             .collect();
         self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self.pods = pods
+            .into_iter()
+            .map(|mut p| {
+                p.shrink();
+                (p.key(), p)
+            })
+            .collect();
     }
     fn put_service(&mut self, mut service: ServiceEntry) {
         service.shrink();
@@ -427,6 +500,13 @@ impl ViewStore for NodeView {
     }
     fn remove_node(&mut self, name: String) {
         self.nodes.remove(&name);
+    }
+    fn put_pod(&mut self, mut pod: PodEntry) {
+        pod.shrink();
+        self.pods.insert(pod.key(), pod);
+    }
+    fn remove_pod(&mut self, namespace: String, name: String) {
+        self.pods.remove(&(namespace, name));
     }
 }
 
@@ -471,6 +551,15 @@ mod tests {
         }
     }
 
+    fn pod(name: &str, ips: &[&str]) -> PodEntry {
+        PodEntry {
+            namespace: "default".into(),
+            name: name.into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            node: Some("n1".into()),
+        }
+    }
+
     #[test]
     fn wire_pieces_decode_as_frames() {
         let a = svc("a", "198.19.0.5");
@@ -483,8 +572,15 @@ mod tests {
             vtep_mac: None,
             ready: true,
         };
+        let p = pod("web-0", &["198.18.128.2"]);
         let enc: Vec<Vec<u8>> = [&a, &b].into_iter().map(wire::service).collect();
-        let line = wire::reset(7, enc.iter().map(|v| v.as_slice()), &[&node]);
+        let enc_pod = wire::pod(&p);
+        let line = wire::reset(
+            7,
+            enc.iter().map(|v| v.as_slice()),
+            &[&node],
+            [enc_pod.as_slice()].into_iter(),
+        );
         assert_eq!(line.last(), Some(&b'\n'));
         let frame = StreamFrame::decode(&line[..line.len() - 1]).unwrap();
         assert_eq!(
@@ -492,7 +588,8 @@ mod tests {
             StreamFrame::Reset {
                 rev: 7,
                 services: vec![a.clone(), b.clone()],
-                nodes: vec![node.clone()]
+                nodes: vec![node.clone()],
+                pods: vec![p.clone()],
             }
         );
         assert_eq!(line, frame.encode(), "hand-built bytes equal serde's");
@@ -500,14 +597,28 @@ mod tests {
             namespace: "default".into(),
             name: "a".into(),
         };
-        let items = [wire::service_change(&enc[1]), wire::change(&removed)];
+        let pod_removed = Change::PodRemoved {
+            namespace: "default".into(),
+            name: "web-1".into(),
+        };
+        let items = [
+            wire::service_change(&enc[1]),
+            wire::change(&removed),
+            wire::pod_change(&enc_pod),
+            wire::change(&pod_removed),
+        ];
         let line = wire::delta(8, items.iter().map(|v| v.as_slice()));
         let frame = StreamFrame::decode(&line[..line.len() - 1]).unwrap();
         assert_eq!(
             frame,
             StreamFrame::Delta {
                 rev: 8,
-                changes: vec![Change::Service { service: b }, removed]
+                changes: vec![
+                    Change::Service { service: b },
+                    removed,
+                    Change::Pod { pod: p },
+                    pod_removed
+                ]
             }
         );
         assert_eq!(line, frame.encode());
@@ -526,6 +637,7 @@ mod tests {
             rev: 2,
             services: vec![svc("a", "198.19.0.5")],
             nodes: vec![],
+            pods: vec![],
         };
         let line = reset.encode();
         assert_eq!(line.last(), Some(&b'\n'));
@@ -558,5 +670,103 @@ mod tests {
             }),
             Err(ViewError::OutOfOrder { have: 5, got: 5 })
         );
+    }
+
+    #[test]
+    fn reset_without_pods_decodes_as_empty() {
+        // A Reset from a control plane that predates pods in the view.
+        let old = br#"{"type":"Reset","data":{"rev":4,"services":[],"nodes":[{"name":"n1","ready":true}]}}"#;
+        let frame = StreamFrame::decode(old).unwrap();
+        let StreamFrame::Reset {
+            rev, nodes, pods, ..
+        } = &frame
+        else {
+            panic!("not a reset: {frame:?}");
+        };
+        assert_eq!((*rev, nodes.len(), pods.len()), (4, 1, 0));
+
+        let mut view = NodeView::default();
+        view.pods.insert(
+            ("default".into(), "stale".into()),
+            pod("stale", &["198.18.128.9"]),
+        );
+        view.apply(frame).unwrap();
+        assert!(
+            view.synced && view.pods.is_empty(),
+            "a reset replaces pods too"
+        );
+        assert_eq!(view.nodes.len(), 1);
+    }
+
+    #[test]
+    fn pod_changes_apply() {
+        let mut view = NodeView::default();
+        let reset = StreamFrame::Reset {
+            rev: 1,
+            services: vec![],
+            nodes: vec![],
+            pods: vec![
+                pod("a", &["198.18.128.2"]),
+                pod("b", &["198.18.128.3", "fd00::3"]),
+            ],
+        };
+        view.apply(StreamFrame::decode(&reset.encode()).unwrap())
+            .unwrap();
+        assert_eq!(view.pods.len(), 2);
+        let b = &view.pods[&("default".into(), "b".into())];
+        assert_eq!(b.ips.len(), 2);
+        assert_eq!(b.node.as_deref(), Some("n1"));
+
+        let delta = StreamFrame::Delta {
+            rev: 2,
+            changes: vec![
+                Change::Pod {
+                    pod: pod("a", &["198.18.128.7"]),
+                },
+                Change::PodRemoved {
+                    namespace: "default".into(),
+                    name: "b".into(),
+                },
+                Change::Pod {
+                    pod: PodEntry {
+                        namespace: "other".into(),
+                        node: None,
+                        ..pod("c", &["198.18.129.4"])
+                    },
+                },
+            ],
+        };
+        let line = delta.encode();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.contains(r#"{"op":"Pod","pod":{"namespace":"default","name":"a""#));
+        assert!(
+            !text.contains(r#""node":null"#),
+            "an unscheduled pod omits node"
+        );
+        view.apply(StreamFrame::decode(&line).unwrap()).unwrap();
+        assert_eq!(view.rev, 2);
+        let keys: Vec<_> = view.pods.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                ("default".to_string(), "a".to_string()),
+                ("other".to_string(), "c".to_string())
+            ]
+        );
+        assert_eq!(
+            view.pods[&("default".into(), "a".into())].ips,
+            ["198.18.128.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(view.pods[&("other".into(), "c".into())].node, None);
+        // Removing a pod the view does not hold is not an error.
+        view.apply(StreamFrame::Delta {
+            rev: 3,
+            changes: vec![Change::PodRemoved {
+                namespace: "default".into(),
+                name: "never".into(),
+            }],
+        })
+        .unwrap();
+        assert_eq!(view.pods.len(), 2);
     }
 }

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use weft_model::view::{Backend, FrontendPort, NodeEntry, Protocol, ServiceEntry, ServiceType};
+use weft_model::view::{
+    Backend, FrontendPort, NodeEntry, PodEntry, Protocol, ServiceEntry, ServiceType,
+};
 use weft_model::{NodeView, StreamFrame};
 
 // ---------------------------------------------------------------- HTTP client
@@ -259,6 +261,7 @@ pub struct HashedView {
     pub synced: bool,
     pub services: HashMap<(String, String), u64>,
     pub nodes: HashMap<String, u64>,
+    pub pods: HashMap<(String, String), u64>,
 }
 
 impl HashedView {
@@ -277,7 +280,7 @@ impl weft_model::view::ViewStore for HashedView {
     fn set_rev(&mut self, rev: u64) {
         self.rev = rev;
     }
-    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>) {
+    fn reset(&mut self, services: Vec<ServiceEntry>, nodes: Vec<NodeEntry>, pods: Vec<PodEntry>) {
         self.synced = true;
         self.services = services
             .into_iter()
@@ -291,6 +294,13 @@ impl weft_model::view::ViewStore for HashedView {
             .map(|n| {
                 let h = hash_node(&n);
                 (n.name, h)
+            })
+            .collect();
+        self.pods = pods
+            .into_iter()
+            .map(|p| {
+                let h = hash_pod(&p);
+                ((p.namespace, p.name), h)
             })
             .collect();
     }
@@ -307,6 +317,13 @@ impl weft_model::view::ViewStore for HashedView {
     }
     fn remove_node(&mut self, name: String) {
         self.nodes.remove(&name);
+    }
+    fn put_pod(&mut self, pod: PodEntry) {
+        let h = hash_pod(&pod);
+        self.pods.insert((pod.namespace, pod.name), h);
+    }
+    fn remove_pod(&mut self, namespace: String, name: String) {
+        self.pods.remove(&(namespace, name));
     }
 }
 
@@ -421,6 +438,12 @@ pub fn hash_node(n: &NodeEntry) -> u64 {
     vtep_ip.hash(&mut h);
     vtep_mac.hash(&mut h);
     ready.hash(&mut h);
+    h.finish()
+}
+
+pub fn hash_pod(p: &PodEntry) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.hash(&mut h);
     h.finish()
 }
 

@@ -41,6 +41,19 @@ struct Args {
     no_forward: bool,
 }
 
+/// The data of a stream Reset frame.
+#[derive(serde::Deserialize)]
+struct ResetData {
+    #[serde(default)]
+    rev: u64,
+    #[serde(default)]
+    services: Vec<weft_model::view::ServiceEntry>,
+    #[serde(default)]
+    nodes: Vec<weft_model::view::NodeEntry>,
+    #[serde(default)]
+    pods: Vec<weft_model::view::PodEntry>,
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("weft-dns: {e:#}");
@@ -57,22 +70,32 @@ fn run() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let text =
-        std::fs::read(&args.view).with_context(|| format!("reading {}", args.view.display()))?;
-    let data: serde_json::Value = serde_json::from_slice(&text)
-        .with_context(|| format!("parsing {}", args.view.display()))?;
-    let frame: StreamFrame =
-        serde_json::from_value(serde_json::json!({"type": "Reset", "data": data}))
-            .with_context(|| format!("{} is not a view (Reset data)", args.view.display()))?;
-    let mut view = NodeView::default();
-    weft_model::view::apply(&mut view, frame).context("applying the view")?;
     let config = ZoneConfig::new(
         &args.zone,
         args.ttl,
         args.pods,
         args.listen.iter().map(|a| a.ip()).collect(),
     )?;
-    let snap = weft_dns::feed::snapshot_of(config, &view);
+    // Parsed, compiled, and dropped before serving: only the snapshot stays.
+    let snap = {
+        let text = std::fs::read(&args.view)
+            .with_context(|| format!("reading {}", args.view.display()))?;
+        let data: ResetData = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a view (Reset data)", args.view.display()))?;
+        drop(text);
+        let mut view = NodeView::default();
+        weft_model::view::apply(
+            &mut view,
+            StreamFrame::Reset {
+                rev: data.rev,
+                services: data.services,
+                nodes: data.nodes,
+                pods: data.pods,
+            },
+        )
+        .context("applying the view")?;
+        weft_dns::feed::snapshot_of(config, &view)
+    };
     let (forwarder, search) = if args.no_forward {
         (None, Vec::new())
     } else {

@@ -74,6 +74,19 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
                     return;
                 }
                 changes.borrow_and_update();
+                // A revision that changed no Service (a Pod's addresses, a
+                // Node) leaves the plan as it is: nothing to program.
+                if hostports.is_some() {
+                    if let Some(sc) = &service_changes {
+                        let c = sc.lock().unwrap_or_else(|p| p.into_inner());
+                        if !c.all && c.services.is_empty() {
+                            drop(c);
+                            let v = view.read().unwrap_or_else(|p| p.into_inner());
+                            metrics.set_revision(v.rev);
+                            continue;
+                        }
+                    }
+                }
                 health.queued(SystemTime::now());
             }
             _ = poke.notified() => {

@@ -6,14 +6,20 @@
 //!  wd<pid>-ul: br0 ──┬── v-cp ═ eth0 (wd<pid>-cp 198.18.0.1)  weft-control :6443
 //!                    ├── v-n1 ═ eth0 (wd<pid>-n1 198.18.0.11) weft-agent node-1
 //!                    ├── v-n2 ═ eth0 (wd<pid>-n2 198.18.0.12) weft-agent node-2
-//!                    └── v-n3 ═ eth0 (wd<pid>-n3 198.18.0.13) weft-agent node-3
+//!                    ├── v-n3 ═ eth0 (wd<pid>-n3 198.18.0.13) weft-agent node-3
+//!                    └── v-ext ═ eth0 (wd<pid>-ext 198.19.255.10) weft-workload --dns 53
 //! ```
 //!
 //! Every pod of examples/demo.yaml gets a namespace `wd<pid>-p<k>`, is wired
 //! by the real `weft-cni` (CNI ADD run in its node's namespace, as a runtime
-//! does) and runs `weft-workload` (HTTP 8080, UDP echo 9090); the agents
-//! report the pods' addresses to the control plane, and the checks send
-//! traffic between pods across nodes.
+//! does), gets the CNI result's DNS as its resolv.conf
+//! (/etc/netns/wd<pid>-p<k>/resolv.conf, which `ip netns exec` bind-mounts)
+//! and runs `weft-workload` (HTTP 8080, UDP echo 9090); the agents report
+//! the pods' addresses to the control plane, and the checks send traffic
+//! between pods across nodes and resolve names from the pods. Every agent
+//! answers cluster DNS on 198.19.0.10 in its node and forwards other names
+//! to the "external" host (198.19.255.10, design.md's external test range),
+//! which answers `example.test` and below with its own address.
 //!
 //! Everything it creates is owned by a guard that tears it down on drop
 //! (success, error or Ctrl-C); `--keep` leaves it running and `--down`
@@ -39,16 +45,17 @@ const UNDERLAY_PREFIX: u8 = 24;
 const SERVICE_CIDR: &str = "198.19.0.0/16";
 const CLUSTER_CIDR: &str = "198.18.128.0/17";
 const DNS_IP: &str = "198.19.0.10";
+const ZONE: &str = "cluster.local";
+const UNDERLAY_NET: &str = "198.18.0.0/24";
+/// The external host: the agents' DNS upstream (design.md: 198.19.255.0/24).
+const EXTERNAL_IP: &str = "198.19.255.10";
+const EXTERNAL_NET: &str = "198.19.255.0/24";
 const NODES: usize = 3;
 const MANIFEST: &str = "examples/demo.yaml";
 
 /// What the demo's manifest should produce: ready endpoints per Service.
-const EXPECTED_ENDPOINTS: &[(&str, &str, usize)] = &[
-    ("shop", "web", 3),
-    ("shop", "api", 2),
-    ("shop", "db", 1),
-    ("kube-system", "dns", 1),
-];
+const EXPECTED_ENDPOINTS: &[(&str, &str, usize)] =
+    &[("shop", "web", 3), ("shop", "api", 2), ("shop", "db", 1)];
 
 pub struct Options {
     pub keep: bool,
@@ -174,6 +181,8 @@ struct Demo {
     namespaces: Vec<String>,
     control: Option<Child>,
     agents: Vec<Child>,
+    /// `weft-workload --dns 53` on the external host.
+    external: Option<Child>,
     pods: Vec<PodRun>,
     keep: bool,
     /// The view revision every agent agreed on before the restart check.
@@ -200,6 +209,7 @@ impl Demo {
             namespaces: Vec::new(),
             control: None,
             agents: Vec::new(),
+            external: None,
             pods: Vec::new(),
             keep: false,
             view_rev: None,
@@ -225,7 +235,12 @@ impl Demo {
         for ns in &self.namespaces {
             let _ = writeln!(s, "netns {ns}");
         }
-        for c in self.control.iter().chain(&self.agents) {
+        for c in self
+            .control
+            .iter()
+            .chain(&self.agents)
+            .chain(&self.external)
+        {
             let _ = writeln!(s, "pid {}", c.id());
         }
         for c in self.pods.iter().filter_map(|p| p.workload.as_ref()) {
@@ -238,6 +253,7 @@ impl Demo {
 
     fn run(&mut self, keep: bool) -> Result<()> {
         self.network()?;
+        self.start_external()?;
         self.write_tokens()?;
         self.start_control()?;
         self.wait_api(Duration::from_secs(20))?;
@@ -259,6 +275,7 @@ impl Demo {
         checks.extend(self.checks(&state)?);
         checks.extend(self.traffic_checks());
         checks.extend(self.service_checks(&state));
+        checks.extend(self.dns_checks(&state));
         checks.extend(self.restart_checks(&state)?);
         print_summary(&self.prefix, &state, &checks);
         // What an operator on node-1 sees of the overlay.
@@ -275,25 +292,53 @@ impl Demo {
             }
             Err(e) => println!("\nnetctl overlay on node-1 failed: {e:#}"),
         }
-        // And how node-1 would treat a pod's DNS query to the cluster DNS Service.
-        let from = self
+        // How node-1 treats a pod's connection to shop/web's cluster IP, and
+        // how a pod there resolves `web` (the agent answers 198.19.0.10:53
+        // itself: the dataplane leaves that port alone, nothing to trace).
+        let client = self
             .pods
             .iter()
-            .find(|p| p.node == 1 && p.namespace != "kube-system")
-            .map_or("198.18.128.9".to_string(), |p| p.ip.clone());
-        let from = format!("pod:{from}");
-        let mut trace = Command::new("ip");
-        trace
-            .args(["netns", "exec", &self.ns("n1")])
-            .arg(self.bin("netctl"))
-            .args(["trace", &from, "198.19.0.10:53", "-p", "UDP", "--socket"])
-            .arg(self.tmp.join("node-1.agent.sock"));
-        match util::capture(&mut trace) {
-            Ok(text) => {
-                println!("\n$ netctl trace {from} 198.19.0.10:53 -p UDP   # on node-1");
-                print!("{text}");
+            .find(|p| p.node == 1 && !p.name.starts_with("web-"))
+            .or_else(|| self.pods.iter().find(|p| p.node == 1));
+        let web_ip = state
+            .services
+            .iter()
+            .find(|s| ns_name(s) == "shop/web")
+            .map(|s| str_at(s, "/spec/clusterIP").to_string());
+        if let (Some(client), Some(web_ip)) = (client, web_ip) {
+            let from = format!("pod:{}", client.ip);
+            let to = format!("{web_ip}:80");
+            let mut trace = Command::new("ip");
+            trace
+                .args(["netns", "exec", &self.ns("n1")])
+                .arg(self.bin("netctl"))
+                .args(["trace", &from, &to, "-p", "TCP", "--socket"])
+                .arg(self.tmp.join("node-1.agent.sock"));
+            match util::capture(&mut trace) {
+                Ok(text) => {
+                    println!(
+                        "\n$ netctl trace {from} {to} -p TCP   # on node-1, {} -> shop/web",
+                        client.name
+                    );
+                    print!("{text}");
+                }
+                Err(e) => println!("\nnetctl trace on node-1 failed: {e:#}"),
             }
-            Err(e) => println!("\nnetctl trace on node-1 failed: {e:#}"),
+            let pod = format!("{}/{}", client.namespace, client.name);
+            let mut dns = Command::new("ip");
+            dns.args(["netns", "exec", &self.ns("n1")])
+                .arg(self.bin("netctl"))
+                .args(["dns", "web", "--from", &pod, "--node-state"])
+                .arg(self.tmp.join("node-1.node.json"))
+                .arg("--ipam-dir")
+                .arg(self.tmp.join("ipam-1").join("weft"));
+            match util::capture(&mut dns) {
+                Ok(text) => {
+                    println!("\n$ netctl dns web --from {pod}   # on node-1");
+                    print!("{text}");
+                }
+                Err(e) => println!("\nnetctl dns on node-1 failed: {e:#}"),
+            }
         }
         let failed = checks.iter().filter(|c| !c.ok).count();
         if failed > 0 {
@@ -324,6 +369,10 @@ impl Demo {
                     "From pod {} to pod {}: ip netns exec {} curl http://{}:8080/hostname",
                     c.name, s.name, c.netns, s.ip
                 );
+                println!(
+                    "Resolve from pod {}: ip netns exec {} getent hosts web   (or dig web.shop.svc.{ZONE})",
+                    c.name, c.netns
+                );
             }
             println!("Clean up: cargo xtask demo --down");
         }
@@ -345,8 +394,13 @@ impl Demo {
         ip(&["-n", &ul, "link", "set", "lo", "up"])?;
         ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-        let mut members = vec![("cp".to_string(), CP_IP.to_string())];
-        members.extend(nodes().iter().map(|n| (n.role(), n.ip())));
+        let mut members = vec![("cp".to_string(), format!("{CP_IP}/{UNDERLAY_PREFIX}"))];
+        members.extend(
+            nodes()
+                .iter()
+                .map(|n| (n.role(), format!("{}/{UNDERLAY_PREFIX}", n.ip()))),
+        );
+        members.push(("ext".to_string(), format!("{EXTERNAL_IP}/24")));
         for (role, addr) in members {
             util::check_interrupted()?;
             let ns = self.ns(&role);
@@ -359,18 +413,64 @@ impl Demo {
             ])?;
             ip(&["-n", &ul, "link", "set", &host_end, "master", "br0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        // The external host and the nodes reach each other directly on the
+        // underlay segment, as the e2e harness has it.
+        ip(&[
+            "-n",
+            &self.ns("ext"),
+            "route",
+            "add",
+            UNDERLAY_NET,
+            "dev",
+            "eth0",
+        ])?;
+        for node in nodes() {
             ip(&[
                 "-n",
-                &ns,
-                "addr",
+                &self.ns(&node.role()),
+                "route",
                 "add",
-                &format!("{addr}/{UNDERLAY_PREFIX}"),
+                EXTERNAL_NET,
                 "dev",
                 "eth0",
             ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
+    }
+
+    /// The external host: `weft-workload` (HTTP 8080, UDP echo 9090) with a
+    /// DNS server on 53 (A records for example.test and below, its own
+    /// address; NXDOMAIN otherwise), the agents' `--dns-upstream`.
+    fn start_external(&mut self) -> Result<()> {
+        let args: Vec<String> = [
+            "--name", "external", "--http", "8080", "--udp", "9090", "--dns", "53",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = self.spawn(
+            &self.ns("ext"),
+            "external.log",
+            &self.bin("weft-workload"),
+            &args,
+        )?;
+        self.external = Some(child);
+        self.save_record();
+        self.wait_for(
+            &format!("the external host's DNS on {EXTERNAL_IP}:53"),
+            Duration::from_secs(10),
+            |d| {
+                let log = std::fs::read_to_string(d.tmp.join("external.log")).unwrap_or_default();
+                if log.contains("dns on 53") {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("external.log: {:?}", log.trim()))
+                }
+            },
+        )
     }
 
     // ---- credentials ----
@@ -467,7 +567,10 @@ impl Demo {
                 "--cluster-cidr",
                 "198.18.128.0/17",
                 "--cluster-dns",
-                "198.19.0.10",
+                DNS_IP,
+                // Names outside the cluster go to the external host.
+                "--dns-upstream",
+                &format!("{EXTERNAL_IP}:53"),
                 "--node-state",
                 &self
                     .tmp
@@ -507,6 +610,14 @@ impl Demo {
                 bail!(
                     "weft-control exited ({st}); its log:\n{}",
                     util::tail(&self.tmp.join("control.log"), 20)
+                );
+            }
+        }
+        if let Some(c) = self.external.as_mut() {
+            if let Some(st) = c.try_wait()? {
+                bail!(
+                    "the external host's weft-workload exited ({st}); its log:\n{}",
+                    util::tail(&self.tmp.join("external.log"), 20)
                 );
             }
         }
@@ -778,6 +889,8 @@ impl Demo {
                 .and_then(|a| a.parse::<Ipv4Addr>().ok())
                 .with_context(|| format!("CNI ADD result has no ips[0].address: {result}"))?;
             let gateway = str_at(&result, "/ips/0/gateway").to_string();
+            // What a runtime does with the result's DNS: the pod's resolv.conf.
+            write_resolv_conf(&netns, &result["dns"])?;
             let args: Vec<String> = ["--name", &name, "--http", "8080", "--udp", "9090"]
                 .iter()
                 .map(|s| s.to_string())
@@ -1006,9 +1119,9 @@ impl Demo {
         out
     }
 
-    /// Services through the agents' iptables rules: every pod reaches
-    /// shop/web by its cluster IP (keeping its source) and kube-system/dns
-    /// over UDP; every node answers shop/api's NodePort.
+    /// Services through the agents' rules: every pod reaches shop/web by
+    /// its cluster IP (keeping its source); every node answers shop/api's
+    /// NodePort.
     fn service_checks(&self, st: &State) -> Vec<Check> {
         let svc = |ns: &str, name: &str| {
             st.services.iter().find(|s| {
@@ -1024,21 +1137,20 @@ impl Demo {
         };
         let mut out = Vec::new();
         let web_ip = svc("shop", "web").map(|s| str_at(s, "/spec/clusterIP").to_string());
-        let dns_ip = svc("kube-system", "dns").map(|s| str_at(s, "/spec/clusterIP").to_string());
         let api_port = svc("shop", "api")
             .and_then(|s| s.pointer("/spec/ports/0/nodePort"))
             .and_then(|v| v.as_u64())
             .map(|p| p as u16);
-        let (Some(web_ip), Some(dns_ip), Some(api_port)) = (web_ip, dns_ip, api_port) else {
+        let (Some(web_ip), Some(api_port)) = (web_ip, api_port) else {
             out.push(check(
                 false,
-                "Services: shop/web, kube-system/dns and shop/api exist",
+                "Services: shop/web and shop/api exist",
                 "missing from the API",
             ));
             return out;
         };
-        let (web, dns, api) = (backends("web"), backends("dns"), backends("api"));
-        let (mut bad, mut bad_src, mut bad_udp) = (Vec::new(), Vec::new(), Vec::new());
+        let (web, api) = (backends("web"), backends("api"));
+        let (mut bad, mut bad_src) = (Vec::new(), Vec::new());
         let mut seen = std::collections::BTreeSet::new();
         for p in &self.pods {
             match retry(|| self.http_at(&p.netns, &web_ip, 80, "/hostname")) {
@@ -1059,11 +1171,6 @@ impl Demo {
                 Ok(b) => bad_src.push(format!("{} -> web saw {:?}", p.name, b.trim())),
                 Err(e) => bad_src.push(format!("{}: {e:#}", p.name)),
             }
-            match retry(|| self.udp_at(&p.netns, &dns_ip, 53)) {
-                Ok(b) if dns.iter().any(|d| b == format!("{d}:hi")) => {}
-                Ok(b) => bad_udp.push(format!("{} -> dns: {b:?}", p.name)),
-                Err(e) => bad_udp.push(format!("{} -> dns: {e:#}", p.name)),
-            }
         }
         out.push(check(
             bad.is_empty(),
@@ -1078,11 +1185,6 @@ impl Demo {
             bad_src.is_empty(),
             "pod -> ClusterIP keeps the source address (/clientip via shop/web from the non-web pods)",
             bad_src.join("; "),
-        ));
-        out.push(check(
-            bad_udp.is_empty(),
-            format!("pod -> ClusterIP over UDP: every pod reaches kube-system/dns at {dns_ip}:53"),
-            bad_udp.join("; "),
         ));
         let mut bad = Vec::new();
         for from in nodes() {
@@ -1099,6 +1201,282 @@ impl Demo {
         out.push(check(
             bad.is_empty(),
             format!("NodePort: shop/api answers on :{api_port} of every node, from every node"),
+            bad.join("; "),
+        ));
+        out
+    }
+
+    // ---- cluster DNS ----
+
+    /// `getent hosts NAME` inside `netns`: the pod's own libc resolver with
+    /// its resolv.conf. The (address, canonical name) pairs it printed.
+    fn getent(&self, netns: &str, name: &str) -> Result<Vec<(String, String)>> {
+        let out = util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["getent", "hosts", name]),
+        )?;
+        let mut v: Vec<(String, String)> = out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next().unwrap_or("").to_string()))
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Just the addresses of [`Demo::getent`].
+    fn getent_ips(&self, netns: &str, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .getent(netns, name)?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect())
+    }
+
+    /// `dig +short @198.19.0.10 ARGS` inside `netns`: the answer lines (an
+    /// error only when no answer came).
+    fn dig(&self, netns: &str, args: &[&str]) -> Result<Vec<String>> {
+        let out = util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["dig", "+short", "+time=2", "+tries=2"])
+                .arg(format!("@{DNS_IP}"))
+                .args(args),
+        )?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The rcode `dig @198.19.0.10 ARGS` reports (`NXDOMAIN`, `NOERROR`).
+    fn dig_status(&self, netns: &str, args: &[&str]) -> Result<String> {
+        let out = util::capture(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .args(["dig", "+time=2", "+tries=2"])
+                .arg(format!("@{DNS_IP}"))
+                .args(args),
+        )?;
+        out.split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .map(str::to_string)
+            .with_context(|| format!("no status in dig's output: {out}"))
+    }
+
+    /// Cluster DNS as the pods see it: every agent answers 198.19.0.10 in
+    /// its node (the cluster zone, the pod's search path) and forwards the
+    /// rest to the external host. Names through the pods' own resolver
+    /// (`getent`), records with `dig`.
+    fn dns_checks(&self, st: &State) -> Vec<Check> {
+        let mut out = Vec::new();
+        let svc = |ns: &str, name: &str| {
+            st.services
+                .iter()
+                .find(|s| ns_name(s) == format!("{ns}/{name}"))
+                .map(|s| str_at(s, "/spec/clusterIP").to_string())
+        };
+        let Some(web_ip) = svc("shop", "web") else {
+            out.push(check(
+                false,
+                "cluster DNS: shop/web exists",
+                "missing from the API",
+            ));
+            return out;
+        };
+        let fqdn = |name: &str, ns: &str| format!("{name}.{ns}.svc.{ZONE}");
+        // The first pod of each node: every node's agent answers for itself.
+        let per_node: Vec<&PodRun> = nodes()
+            .iter()
+            .filter_map(|n| self.pods.iter().find(|p| p.node == n.n))
+            .collect();
+        let on = |p: &PodRun| format!("{} (node-{})", p.name, p.node);
+
+        // resolv.conf from the CNI result.
+        let mut bad = Vec::new();
+        for p in &self.pods {
+            let want = [
+                format!("nameserver {DNS_IP}"),
+                format!("search {}.svc.{ZONE} svc.{ZONE} {ZONE}", p.namespace),
+                "options ndots:5".to_string(),
+            ];
+            match util::capture(
+                Command::new("ip")
+                    .args(["netns", "exec", &p.netns])
+                    .args(["cat", "/etc/resolv.conf"]),
+            ) {
+                Ok(text) => {
+                    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+                    let missing: Vec<&String> = want
+                        .iter()
+                        .filter(|w| !lines.contains(&w.as_str()))
+                        .collect();
+                    if !missing.is_empty() {
+                        bad.push(format!("{}: no {missing:?} in {text:?}", p.name));
+                    }
+                }
+                Err(e) => bad.push(format!("{}: {e:#}", p.name)),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "every pod's resolv.conf is its CNI result's: nameserver {DNS_IP}, search <ns>.svc.{ZONE} svc.{ZONE} {ZONE}, ndots:5"
+            ),
+            bad.join("; "),
+        ));
+
+        // shop/web by short name, name.namespace and FQDN, then by name over HTTP.
+        let web_fqdn = fqdn("web", "shop");
+        let mut bad = Vec::new();
+        for p in &self.pods {
+            let mut names = vec!["web.shop".to_string(), web_fqdn.clone()];
+            if p.namespace == "shop" {
+                names.insert(0, "web".to_string());
+            }
+            for name in &names {
+                match retry(|| self.getent(&p.netns, name)) {
+                    Ok(v) if v == [(web_ip.clone(), web_fqdn.clone())] => {}
+                    Ok(v) => bad.push(format!("{} {name}: {v:?}", p.name)),
+                    Err(e) => bad.push(format!("{} {name}: {e:#}", p.name)),
+                }
+            }
+            let by_name = if p.namespace == "shop" {
+                "web"
+            } else {
+                "web.shop"
+            };
+            match retry(|| {
+                util::capture(
+                    Command::new("ip")
+                        .args(["netns", "exec", &p.netns])
+                        .args(["curl", "-sS", "--max-time", "3"])
+                        .arg(format!("http://{by_name}/hostname")),
+                )
+            }) {
+                Ok(b) if b.trim().starts_with("web-") => {}
+                Ok(b) => bad.push(format!("{} curl http://{by_name}/: {:?}", p.name, b.trim())),
+                Err(e) => bad.push(format!("{} curl http://{by_name}/: {e:#}", p.name)),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "pod -> cluster DNS: all {} pods resolve web, web.shop and {web_fqdn} to shop/web's ClusterIP {web_ip} (getent hosts) and reach it as http://web/",
+                self.pods.len()
+            ),
+            bad.join("; "),
+        ));
+
+        // Headless shop/db: its pod's address, the pod's own name, SRV.
+        let db = self.pods.iter().find(|p| p.name == "db-0");
+        let db_ip = db.map(|p| p.ip.clone()).unwrap_or_default();
+        let db_host = format!("db-0.{}", fqdn("db", "shop"));
+        let srv_want = format!("0 100 5432 {db_host}.");
+        let srv_name = format!("_postgres._tcp.{}", fqdn("db", "shop"));
+        let mut bad = Vec::new();
+        if db.is_none() {
+            bad.push("no pod db-0".to_string());
+        }
+        for p in &per_node {
+            for name in ["db", "db-0.db"] {
+                match retry(|| self.getent_ips(&p.netns, name)) {
+                    Ok(v) if v == [db_ip.clone()] => {}
+                    Ok(v) => bad.push(format!("{} {name}: {v:?}", on(p))),
+                    Err(e) => bad.push(format!("{} {name}: {e:#}", on(p))),
+                }
+            }
+            match retry(|| self.dig(&p.netns, &["SRV", &srv_name])) {
+                Ok(v) if v == [srv_want.clone()] => {}
+                Ok(v) => bad.push(format!("{} SRV {srv_name}: {v:?}", on(p))),
+                Err(e) => bad.push(format!("{} SRV {srv_name}: {e:#}", on(p))),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "headless shop/db: db and db-0.db resolve to db-0's pod IP {db_ip}; SRV _postgres._tcp.db.shop -> {srv_want} (from a pod on each node)"
+            ),
+            bad.join("; "),
+        ));
+
+        // ExternalName: a CNAME the server chases at the upstream.
+        let ext_fqdn = fqdn("ext", "shop");
+        let cname = ["example.test.".to_string(), EXTERNAL_IP.to_string()];
+        let mut bad = Vec::new();
+        for p in &per_node {
+            match retry(|| self.getent(&p.netns, "ext")) {
+                Ok(v) if v == [(EXTERNAL_IP.to_string(), "example.test".to_string())] => {}
+                Ok(v) => bad.push(format!("{} ext: {v:?}", on(p))),
+                Err(e) => bad.push(format!("{} ext: {e:#}", on(p))),
+            }
+            match retry(|| self.dig(&p.netns, &[&ext_fqdn])) {
+                Ok(v) if v == cname => {}
+                Ok(v) => bad.push(format!("{} {ext_fqdn}: {v:?}", on(p))),
+                Err(e) => bad.push(format!("{} {ext_fqdn}: {e:#}", on(p))),
+            }
+            match retry(|| self.http_from(&p.netns, "ext", "/hostname")) {
+                Ok(b) if b.trim() == "external" => {}
+                Ok(b) => bad.push(format!("{} curl http://ext:8080/: {:?}", on(p), b.trim())),
+                Err(e) => bad.push(format!("{} curl http://ext:8080/: {e:#}", on(p))),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "ExternalName shop/ext: ext is a CNAME to example.test, chased at the upstream (the external host {EXTERNAL_IP}:53); http://ext:8080/ reaches that host"
+            ),
+            bad.join("; "),
+        ));
+
+        // Other names: forwarded to the upstream, its answer passed on.
+        let mut bad = Vec::new();
+        for p in &per_node {
+            match retry(|| self.getent_ips(&p.netns, "www.example.test")) {
+                Ok(v) if v == [EXTERNAL_IP.to_string()] => {}
+                Ok(v) => bad.push(format!("{} www.example.test: {v:?}", on(p))),
+                Err(e) => bad.push(format!("{} www.example.test: {e:#}", on(p))),
+            }
+            match retry(|| self.dig_status(&p.netns, &["missing.test"])) {
+                Ok(s) if s == "NXDOMAIN" => {}
+                Ok(s) => bad.push(format!("{} missing.test: {s}", on(p))),
+                Err(e) => bad.push(format!("{} missing.test: {e:#}", on(p))),
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!(
+                "names outside the cluster go to the upstream: www.example.test -> {EXTERNAL_IP}, missing.test -> NXDOMAIN"
+            ),
+            bad.join("; "),
+        ));
+
+        // PTR of cluster IPs.
+        let dns_fqdn = fqdn("kube-dns", "kube-system");
+        let want = [
+            (web_ip.clone(), web_fqdn.clone()),
+            (DNS_IP.to_string(), dns_fqdn.clone()),
+        ];
+        let mut bad = Vec::new();
+        for p in &per_node {
+            for (ip, name) in &want {
+                match retry(|| self.dig(&p.netns, &["-x", ip])) {
+                    Ok(v) if v == [format!("{name}.")] => {}
+                    Ok(v) => bad.push(format!("{} PTR {ip}: {v:?}", on(p))),
+                    Err(e) => bad.push(format!("{} PTR {ip}: {e:#}", on(p))),
+                }
+            }
+        }
+        out.push(check(
+            bad.is_empty(),
+            format!("PTR of cluster IPs: {web_ip} -> {web_fqdn}, {DNS_IP} -> {dns_fqdn}"),
             bad.join("; "),
         ));
         out
@@ -1139,7 +1517,7 @@ impl Demo {
     }
 
     fn wait_slices(&mut self, timeout: Duration) -> Result<()> {
-        self.wait_for("EndpointSlices of web, api, db and dns", timeout, |d| {
+        self.wait_for("EndpointSlices of web, api and db", timeout, |d| {
             let slices = d.list("endpointslices").map_err(|e| format!("{e:#}"))?;
             let counts = ready_endpoints(&slices);
             let mut missing = Vec::new();
@@ -1297,7 +1675,7 @@ impl Demo {
             let key = ns_name(s);
             let ip = str_at(s, "/spec/clusterIP");
             let ty = svc_type(s);
-            if key == "kube-system/dns" {
+            if key == "kube-system/kube-dns" {
                 dns_ip = ip.to_string();
             }
             match (ty.as_str(), ip) {
@@ -1314,12 +1692,12 @@ impl Demo {
         }
         if dns_ip != DNS_IP {
             bad.push(format!(
-                "kube-system/dns has {dns_ip:?}, asked for {DNS_IP}"
+                "kube-system/kube-dns has {dns_ip:?}, asked for {DNS_IP}"
             ));
         }
         out.push(check(
             bad.is_empty(),
-            format!("cluster IPs come from {SERVICE_CIDR}; kube-system/dns holds {DNS_IP}"),
+            format!("cluster IPs come from {SERVICE_CIDR}; kube-system/kube-dns holds {DNS_IP}"),
             bad.join(", "),
         ));
 
@@ -1373,7 +1751,7 @@ impl Demo {
         }
         out.push(check(
             bad.is_empty(),
-            "EndpointSlices: web 3, api 2, db 1, dns 1 ready at the pods' CNI addresses; web's named port http resolves to 8080",
+            "EndpointSlices: web 3, api 2, db 1 ready at the pods' CNI addresses; web's named port http resolves to 8080",
             bad.join(", "),
         ));
 
@@ -1384,15 +1762,20 @@ impl Demo {
             .filter(|s| slice_owner(s) == ("shop".into(), "db".into()))
             .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
             .any(|e| e["hostname"] == "db-0");
-        let ext_slices = st
-            .slices
-            .iter()
-            .filter(|s| slice_owner(s) == ("shop".into(), "ext".into()))
-            .count();
+        let slices_of = |ns: &str, name: &str| {
+            st.slices
+                .iter()
+                .filter(|s| slice_owner(s) == (ns.to_string(), name.to_string()))
+                .count()
+        };
+        let (ext_slices, dns_slices) = (
+            slices_of("shop", "ext"),
+            slices_of("kube-system", "kube-dns"),
+        );
         out.push(check(
-            db_host && ext_slices == 0,
-            "headless shop/db publishes hostname db-0; ExternalName shop/ext has no endpoints",
-            format!("db hostname found: {db_host}; ext slices: {ext_slices}"),
+            db_host && ext_slices == 0 && dns_slices == 0,
+            "headless shop/db publishes hostname db-0; ExternalName shop/ext and selectorless kube-system/kube-dns have no endpoints",
+            format!("db hostname found: {db_host}; ext slices: {ext_slices}; kube-dns slices: {dns_slices}"),
         ));
 
         // The agents' views.
@@ -1640,7 +2023,13 @@ impl Demo {
                 Err(e) => eprintln!("demo: CNI DEL of {}/{}: {e:#}", p.namespace, p.name),
             }
         }
-        for mut c in self.control.take().into_iter().chain(self.agents.drain(..)) {
+        for mut c in self
+            .control
+            .take()
+            .into_iter()
+            .chain(self.agents.drain(..))
+            .chain(self.external.take())
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -1649,6 +2038,13 @@ impl Demo {
             cmd.args(["netns", "del", &ns]);
             if let Err(e) = util::run(&mut cmd) {
                 eprintln!("demo: {e:#}");
+            }
+            // The pods' resolv.conf (only pods have one; the name is ours).
+            let etc = netns_etc(&ns);
+            if etc.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&etc) {
+                    eprintln!("demo: removing {}: {e}", etc.display());
+                }
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
@@ -1682,6 +2078,45 @@ fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
 
 fn ip(args: &[&str]) -> Result<()> {
     util::run(Command::new("ip").args(args))
+}
+
+/// Where `ip netns exec NAME` finds the files it bind-mounts over /etc.
+fn netns_etc(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
+/// A resolv.conf from a CNI result's `dns` object (nameservers, search,
+/// options), the way a runtime writes one.
+fn resolv_conf(dns: &Value) -> String {
+    let list = |k: &str| -> Vec<&str> {
+        dns[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    };
+    let mut text = String::new();
+    for ns in list("nameservers") {
+        let _ = writeln!(text, "nameserver {ns}");
+    }
+    for key in ["search", "options"] {
+        let l = list(key);
+        if !l.is_empty() {
+            let _ = writeln!(text, "{key} {}", l.join(" "));
+        }
+    }
+    text
+}
+
+/// Write the pod namespace's resolv.conf from its CNI result's DNS.
+fn write_resolv_conf(netns: &str, dns: &Value) -> Result<()> {
+    let text = resolv_conf(dns);
+    if !text.contains("nameserver ") {
+        bail!("the CNI result for {netns} has no DNS nameservers: {dns}");
+    }
+    let dir = netns_etc(netns);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("resolv.conf"), text)
+        .with_context(|| format!("writing {}/resolv.conf", dir.display()))
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -1795,6 +2230,12 @@ fn print_summary(prefix: &str, st: &State, checks: &[Check]) {
             };
             let ready = if ty == "ExternalName" {
                 format!("-> {}", str_at(s, "/spec/externalName"))
+            } else if str_at(s, "/spec/clusterIP") == DNS_IP
+                && s.pointer("/spec/selector")
+                    .and_then(Value::as_object)
+                    .is_none_or(|m| m.is_empty())
+            {
+                "- (every node's weft-agent answers it)".to_string()
             } else {
                 let key = (
                     str_at(s, "/metadata/namespace").to_string(),
@@ -2106,6 +2547,23 @@ fn down() -> Result<()> {
         removed += 1;
     }
 
+    // Pods' resolv.conf directories (/etc/netns/wd<pid>-p<k>) whose run is gone.
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = demo_owner(&name) else {
+                continue;
+            };
+            if live_demo(owner) && Path::new(RUN_DIR).join(format!("wd{owner}.state")).exists() {
+                continue;
+            }
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                println!("removed {}", e.path().display());
+                removed += 1;
+            }
+        }
+    }
+
     // Temp dirs of runs that left no record.
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for e in entries.flatten() {
@@ -2197,6 +2655,18 @@ mod tests {
         assert_eq!(t, "A     BB\nxxx   1\n");
         let s = json!({"spec": {"ports": [{"port": 8080, "nodePort": 31000, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}]}});
         assert_eq!(svc_ports(&s), "8080:31000/TCP,53/UDP");
+    }
+
+    #[test]
+    fn writes_resolv_conf_from_a_cni_result() {
+        let dns = json!({"nameservers": ["198.19.0.10"],
+                         "search": ["shop.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+                         "options": ["ndots:5"]});
+        assert_eq!(
+            resolv_conf(&dns),
+            "nameserver 198.19.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        assert_eq!(resolv_conf(&json!({})), "");
     }
 
     #[test]

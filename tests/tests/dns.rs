@@ -7,7 +7,9 @@
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use weft_e2e::cluster::{eventually, skip, Cluster, CLUSTER_DNS, EXTERNAL_IP};
+use weft_e2e::cluster::{
+    cgroup_skip_reason, eventually, skip, Cluster, Dataplane, CLUSTER_DNS, EXTERNAL_IP,
+};
 
 const A: &str = "dns-a";
 const B: &str = "dns-b";
@@ -73,12 +75,27 @@ fn dig_status(c: &Cluster, netns: &str, args: &[&str]) -> Result<String> {
 }
 
 #[test]
-fn cluster_dns_from_pods_and_nodes() -> Result<()> {
+fn cluster_dns_from_pods_and_nodes_iptables() -> Result<()> {
     if skip() {
         return Ok(());
     }
+    cluster_dns_from_pods_and_nodes(Dataplane::Iptables)
+}
+
+/// The same with the eBPF dataplane: its socket programs must leave the
+/// node's own DNS address alone.
+#[test]
+fn cluster_dns_from_pods_and_nodes_ebpf() -> Result<()> {
+    if let Some(why) = cgroup_skip_reason() {
+        println!("skipped: {why}");
+        return Ok(());
+    }
+    cluster_dns_from_pods_and_nodes(Dataplane::Ebpf)
+}
+
+fn cluster_dns_from_pods_and_nodes(dp: Dataplane) -> Result<()> {
     let t0 = Instant::now();
-    let mut c = Cluster::up(2)?;
+    let mut c = Cluster::up_with(2, dp)?;
     let web = c.add_pod(0, A, "web-1", &[("app", "web")])?;
     let db1 = c.add_pod(0, A, "db-1", &[("app", "db")])?;
     let db2 = c.add_pod(1, A, "db-2", &[("app", "db")])?;

@@ -308,9 +308,80 @@ pub struct Snapshot {
     pub namespaces: Arc<HashMap<String, usize>>,
     /// PTR targets per address (Services and headless endpoints).
     pub reverse: Sharded<IpAddr, Vec<Name>>,
-    /// Pods per address: (namespace, name). Answers `verified` pod records
-    /// and says which namespace a query's source belongs to.
-    pub pods: Sharded<IpAddr, Vec<(String, String)>>,
+    /// Pods per address. Answers `verified` pod records and says which
+    /// namespace a query's source belongs to.
+    pub pods: Sharded<IpAddr, PodOwners>,
+    /// Namespace names shared by the pod entries (one allocation per
+    /// namespace, not per pod).
+    interned: Arc<HashMap<Box<str>, Arc<str>>>,
+}
+
+/// A pod that owns an address: its namespace, and its name as a hash (only
+/// needed to tell two owners apart while one replaces the other).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodOwner {
+    pub namespace: Arc<str>,
+    name_hash: u64,
+}
+
+/// The owners of one address: almost always one, kept inline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PodOwners {
+    #[default]
+    None,
+    One(PodOwner),
+    Many(Vec<PodOwner>),
+}
+
+impl PodOwners {
+    pub fn iter(&self) -> impl Iterator<Item = &PodOwner> {
+        let (one, many): (Option<&PodOwner>, &[PodOwner]) = match self {
+            PodOwners::None => (None, &[]),
+            PodOwners::One(o) => (Some(o), &[]),
+            PodOwners::Many(v) => (None, v.as_slice()),
+        };
+        one.into_iter().chain(many.iter())
+    }
+
+    fn add(&mut self, o: PodOwner) {
+        if self.iter().any(|x| *x == o) {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            PodOwners::None => PodOwners::One(o),
+            PodOwners::One(a) => PodOwners::Many(vec![a, o]),
+            PodOwners::Many(mut v) => {
+                v.push(o);
+                PodOwners::Many(v)
+            }
+        };
+    }
+
+    fn remove(&mut self, o: &PodOwner) {
+        *self = match std::mem::take(self) {
+            PodOwners::One(a) if a == *o => PodOwners::None,
+            PodOwners::Many(mut v) => {
+                v.retain(|x| x != o);
+                match v.len() {
+                    0 => PodOwners::None,
+                    1 => PodOwners::One(v.remove(0)),
+                    _ => PodOwners::Many(v),
+                }
+            }
+            other => other,
+        };
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, PodOwners::None)
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(name.as_bytes());
+    h.finish()
 }
 
 impl Snapshot {
@@ -323,6 +394,7 @@ impl Snapshot {
             namespaces: Arc::new(HashMap::new()),
             reverse: Sharded::default(),
             pods: Sharded::default(),
+            interned: Arc::new(HashMap::new()),
         }
     }
 
@@ -367,28 +439,37 @@ impl Snapshot {
 
     /// A pod's addresses changed from `old` to `new` (empty: absent).
     pub fn put_pod(&mut self, namespace: &str, name: &str, old: &[IpAddr], new: &[IpAddr]) {
+        let ns: Arc<str> = match self.interned.get(namespace) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = Arc::from(namespace);
+                Arc::make_mut(&mut self.interned).insert(namespace.into(), a.clone());
+                a
+            }
+        };
+        let owner = PodOwner {
+            namespace: ns,
+            name_hash: name_hash(name),
+        };
         for ip in old {
             if new.contains(ip) {
                 continue;
             }
-            let list = self.pods.get_mut_or_default(*ip);
-            list.retain(|(ns, n)| !(ns == namespace && n == name));
-            if list.is_empty() {
+            let owners = self.pods.get_mut_or_default(*ip);
+            owners.remove(&owner);
+            if owners.is_empty() {
                 self.pods.remove(ip);
             }
         }
         for ip in new {
-            let list = self.pods.get_mut_or_default(*ip);
-            if !list.iter().any(|(ns, n)| ns == namespace && n == name) {
-                list.push((namespace.to_string(), name.to_string()));
-            }
+            self.pods.get_mut_or_default(*ip).add(owner.clone());
         }
     }
 
     /// The namespace of the pod that owns `ip`, when exactly one does.
     pub fn pod_namespace(&self, ip: IpAddr) -> Option<&str> {
-        match self.pods.get(&ip)?.as_slice() {
-            [(ns, _)] => Some(ns),
+        match self.pods.get(&ip)? {
+            PodOwners::One(o) => Some(&o.namespace),
             _ => None,
         }
     }
@@ -743,7 +824,7 @@ impl Snapshot {
             let owned = self
                 .pods
                 .get(&ip)
-                .is_some_and(|list| list.iter().any(|(pns, _)| pns.eq_ignore_ascii_case(ns)));
+                .is_some_and(|owners| owners.iter().any(|o| o.namespace.eq_ignore_ascii_case(ns)));
             if !owned {
                 return self.nxdomain();
             }

@@ -40,6 +40,13 @@ const BENCHES: &[Bench] = &[
         packages: &["weft-e2e"],
         binary: "weft-services-bench",
     },
+    Bench {
+        name: "dns",
+        about: "cluster DNS: weft-dns vs NSD and Knot serving the same records (1,000 Services), dnsperf peak qps and latency at 50% of peak with the server pinned to one CPU; memory at 10k Services / 100k pods (weft-dns-bench)",
+        // the server under test is the weft-dns binary, run by the bench
+        packages: &["weft-dns", "weft-e2e"],
+        binary: "weft-dns-bench",
+    },
 ];
 
 /// The benchmarks, one per line, for help and errors.

@@ -26,6 +26,14 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("sockperf", "sockperf"),
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // `cargo xtask bench dns`: dnsperf drives weft-dns, NSD and Knot (the
+    // peers serve the same records as a static zone; the bench starts its own
+    // instances on loopback with its own configs, never the packages'
+    // services); dig checks answers there and in the DNS e2e tests.
+    ("dnsperf", "dnsperf"),
+    ("nsd", "/usr/sbin/nsd"),
+    ("knot", "/usr/sbin/knotd"),
+    ("bind9-dnsutils", "dig"),
     // The podman e2e test: a real runtime calling weft-cni
     // (shared/runtimes/ci-recipe.sh; runc, not crun, on this hybrid cgroup host).
     ("podman", "podman"),

@@ -1669,7 +1669,13 @@ fn dnsperf(
 /// Source revision of the working tree, for the report.
 fn source_revision() -> String {
     let head = benchnet::run("git", &["log", "-1", "--format=%h %cI %s"])
-        .map(|s| s.trim().chars().take(100).collect::<String>())
+        .map(|s| {
+            s.trim()
+                .replace('`', "'")
+                .chars()
+                .take(100)
+                .collect::<String>()
+        })
         .unwrap_or_else(|_| "unknown (not a git checkout)".into());
     let dirty = benchnet::run("git", &["status", "--porcelain", "--", "dns", "model"])
         .map(|s| !s.trim().is_empty())

@@ -74,6 +74,7 @@ impl Server {
                     addr: *addr,
                     source,
                 })?;
+            grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
             // The same port for TCP when the UDP one was chosen by the kernel.
             let tcp_addr = udp.local_addr().unwrap_or(*addr);
             let tcp = TcpListener::bind(tcp_addr)
@@ -111,6 +112,34 @@ impl Server {
     /// Wait until every listener ended (they end only on fatal errors).
     pub async fn wait(&mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The UDP receive buffer asked for: a burst of queries waits in the
+/// socket instead of being dropped while the loop is busy (the kernel's
+/// default, ~208 KiB, lost a few per 10 s at 90k qps in `bench dns`).
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// SO_RCVBUFFORCE (root, past net.core.rmem_max), else SO_RCVBUF (capped at
+/// rmem_max); best effort.
+fn grow_receive_buffer(sock: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes of `v`; the fd
+        // is the socket's own.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
     }
 }
 

@@ -168,7 +168,7 @@ fn cluster_dns_from_pods_and_nodes(dp: Dataplane) -> Result<()> {
     let node1 = c.nodes[1].netns.clone();
     ensure!(dig_status(&c, &node1, &["web.dns-a.dns-a.svc.cluster.local"])? == "NXDOMAIN");
     // Cross-namespace: from a pod of another namespace on the other node.
-    ensure!(getent(&c, &other.netns, "web.dns-a")? == [vip.clone()]);
+    ensure!(getent(&c, &other.netns, "web.dns-a")? == std::slice::from_ref(&vip));
     // ...where the short name means its own namespace: nothing there.
     ensure!(
         getent(&c, &other.netns, "web").is_err(),
@@ -235,7 +235,10 @@ fn cluster_dns_from_pods_and_nodes(dp: Dataplane) -> Result<()> {
     ensure!(dig_status(&c, &client.netns, &["nope.dns-a.svc.cluster.local"])? == "NXDOMAIN");
     ensure!(dig_status(&c, &client.netns, &["AAAA", "web.dns-a.svc.cluster.local"])? == "NOERROR");
     ensure!(dig(&c, &client.netns, &["TXT", "dns-version.cluster.local"])? == ["\"1.1.0\""]);
-    ensure!(dig(&c, &client.netns, &["+tcp", "web.dns-a.svc.cluster.local"])? == [vip.clone()]);
+    ensure!(
+        dig(&c, &client.netns, &["+tcp", "web.dns-a.svc.cluster.local"])?
+            == std::slice::from_ref(&vip)
+    );
     let soa = dig(&c, &client.netns, &["SOA", "cluster.local"])?;
     ensure!(
         soa.len() == 1 && soa[0].starts_with("ns.dns.cluster.local."),
@@ -244,7 +247,7 @@ fn cluster_dns_from_pods_and_nodes(dp: Dataplane) -> Result<()> {
 
     // Nodes resolve too (their own processes, e.g. the kubelet).
     let node0 = c.nodes[0].netns.clone();
-    ensure!(dig(&c, &node0, &["web.dns-a.svc.cluster.local"])? == [vip.clone()]);
+    ensure!(dig(&c, &node0, &["web.dns-a.svc.cluster.local"])? == std::slice::from_ref(&vip));
 
     // A new Service: how long from the API's answer until a pod resolves it.
     let started = Instant::now();

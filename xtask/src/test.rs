@@ -202,10 +202,16 @@ enum Fuzzed {
 fn fuzz_smoke() -> Result<Fuzzed> {
     let fuzz_dir = util::root().join("dns/fuzz");
     // A workspace of its own: `cargo fmt --all` does not reach it.
+    let mut sources: Vec<PathBuf> = ["src", "fuzz_targets"]
+        .iter()
+        .flat_map(|d| list_dir(&fuzz_dir.join(d)))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    sources.sort();
     util::run(
         Command::new("rustfmt")
             .args(["--edition", "2021", "--check"])
-            .arg(fuzz_dir.join("fuzz_targets/request.rs")),
+            .args(&sources),
     )?;
     if !util::on_path("cargo-fuzz") {
         return Ok(Fuzzed::Skipped(

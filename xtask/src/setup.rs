@@ -62,6 +62,10 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpf-linker's build finds LLVM.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// cargo-fuzz runs dns/fuzz in `cargo xtask test`, on the pinned stable
+/// toolchain (`--sanitizer none` needs no nightly).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Ok,
@@ -100,6 +104,7 @@ pub fn run(check: bool) -> Result<()> {
     let apt_ok = apt(check, &mut report)?;
     let rust_ok = components(check, &mut report)?;
     let linker_ok = bpf_linker(check, &mut report)?;
+    let fuzz_ok = cargo_fuzz(check, &mut report)?;
     let missing = report.missing();
     if check {
         if !missing.is_empty() {
@@ -124,7 +129,7 @@ pub fn run(check: bool) -> Result<()> {
             fatal.join(" ")
         );
     }
-    if !(apt_ok && rust_ok && linker_ok) {
+    if !(apt_ok && rust_ok && linker_ok && fuzz_ok) {
         eprintln!(
             "setup: continuing without {} (see above for how to install)",
             missing.join(", ")
@@ -360,6 +365,58 @@ fn bpf_linker(check: bool, report: &mut Report) -> Result<bool> {
         bail!(
             "cargo install finished but `bpf-linker --version` gives {} \
              (is ~/.cargo/bin on PATH, ahead of other bpf-linkers?)",
+            now.as_deref().unwrap_or("nothing")
+        );
+    }
+    report.add(State::Installed, item);
+    Ok(true)
+}
+
+/// Check (and unless `check`, `cargo install`) cargo-fuzz at
+/// [`CARGO_FUZZ_VERSION`]. Returns whether it is in place.
+fn cargo_fuzz(check: bool, report: &mut Report) -> Result<bool> {
+    let item = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let version = || {
+        Command::new("cargo-fuzz")
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let wanted =
+        |v: Option<&str>| v.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION));
+    let found = version();
+    if wanted(found.as_deref()) {
+        report.add(State::Ok, item);
+        return Ok(true);
+    }
+    let mut install = util::cargo();
+    install.args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]);
+    if check {
+        report.add(State::Missing, item);
+        let have = found.map_or_else(|| "not on PATH".to_string(), |v| format!("found {v}"));
+        eprintln!(
+            "  cargo-fuzz: {have}; to install: {}",
+            util::display(&install)
+        );
+        return Ok(false);
+    }
+    // About 1.5 minutes on two cores.
+    util::run(&mut install)?;
+    let now = version();
+    if !wanted(now.as_deref()) {
+        bail!(
+            "cargo install finished but `cargo-fuzz --version` gives {} \
+             (is ~/.cargo/bin on PATH?)",
             now.as_deref().unwrap_or("nothing")
         );
     }

@@ -215,6 +215,7 @@ impl ClusterDns {
             if a.rcode == ResponseCode::NXDomain && self.search_path_applies(snap, name, src) {
                 return Local::SearchPath;
             }
+            let a = chase_in_zone(snap, a, qtype);
             if a.chase.is_some() {
                 return Local::Chase(a);
             }
@@ -485,6 +486,27 @@ enum Local {
     SearchPath,
     /// Not a cluster name.
     Forward,
+}
+
+/// Follow CNAMEs whose targets are in the zone (an ExternalName naming
+/// another Service) right away; a target outside stays in `chase`.
+fn chase_in_zone(snap: &Snapshot, mut a: Answer, qtype: RecordType) -> Answer {
+    for _ in 0..MAX_CHAIN {
+        let Some(target) = a.chase.clone() else { break };
+        if !zone::in_zone(&snap.config, &target) {
+            break;
+        }
+        let next = snap.lookup(&target, qtype);
+        a.answers.extend(next.answers);
+        a.additionals.extend(next.additionals);
+        a.chase = next.chase;
+        // The rcode is the chain's last name's (RFC 6604).
+        if next.rcode != ResponseCode::NoError {
+            a.rcode = next.rcode;
+            a.authorities = next.authorities;
+        }
+    }
+    a
 }
 
 /// `name CNAME target` followed by the target's answer.
@@ -843,6 +865,40 @@ mod tests {
         .await;
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_external_name_inside_the_zone_is_followed_without_upstreams() {
+        let mut snap = fixture(PodRecords::Disabled);
+        let zone = snap.config.zone.clone();
+        let mut alias = svc("shop", "alias");
+        alias.external_name = Some("web.shop.svc.cluster.local".into());
+        snap.put_service(alias.key(), compile_service(&zone, &alias));
+        let mut dangling = svc("shop", "dangling");
+        dangling.external_name = Some("gone.shop.svc.cluster.local".into());
+        snap.put_service(dangling.key(), compile_service(&zone, &dangling));
+        let d = ClusterDns::new(snap, None, Vec::new());
+        let r = ask(
+            &d,
+            &query("alias.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(rdata(&r), ["web.shop.svc.cluster.local.", "198.19.0.20"]);
+        let r = ask(
+            &d,
+            &query("dangling.shop.svc.cluster.local.", RecordType::A),
+            HOST,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::NXDomain,
+            "the chain's last name's rcode"
+        );
+        assert_eq!(rdata(&r), ["gone.shop.svc.cluster.local."]);
     }
 
     #[tokio::test]

@@ -431,15 +431,6 @@ async fn start_dns(
             ..Default::default()
         }))
     });
-    weft_agent::dns_host::ensure_address(args.cluster_dns)
-        .await
-        .with_context(|| {
-            format!(
-                "putting the cluster DNS address {} on {}",
-                args.cluster_dns,
-                weft_agent::dns_host::DNS_LINK
-            )
-        })?;
     let dns = std::sync::Arc::new(weft_dns::ClusterDns::new(
         weft_dns::Snapshot::new(zone),
         forwarder,
@@ -451,11 +442,43 @@ async fn start_dns(
         ..Default::default()
     };
     let listen = weft_agent::dns_host::listen_addrs(args.cluster_dns, &[]);
-    let mut server = weft_dns::server::Server::bind(dns.clone(), &listen, limits).await?;
-    tracing::info!(listen = ?server.udp, upstreams = ?upstreams, zone = %args.cluster_domain, "cluster DNS serving");
+    let (cluster_dns, domain) = (args.cluster_dns, args.cluster_domain.clone());
+    let serving = dns.clone();
+    // The address and the sockets are retried, never fatal: an agent that
+    // cannot serve DNS (port 53 taken, netlink refused) still runs the
+    // overlay and the Services, and says why every time it tries again.
     tokio::spawn(async move {
-        server.wait().await;
-        tracing::error!("cluster DNS listeners ended");
+        let mut delay = std::time::Duration::from_secs(1);
+        loop {
+            let started = async {
+                weft_agent::dns_host::ensure_address(cluster_dns)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "putting the cluster DNS address {cluster_dns} on {}",
+                            weft_agent::dns_host::DNS_LINK
+                        )
+                    })?;
+                anyhow::Ok(
+                    weft_dns::server::Server::bind(serving.clone(), &listen, limits.clone())
+                        .await?,
+                )
+            }
+            .await;
+            match started {
+                Ok(mut server) => {
+                    tracing::info!(listen = ?server.udp, upstreams = ?upstreams, zone = %domain, "cluster DNS serving");
+                    delay = std::time::Duration::from_secs(1);
+                    server.wait().await;
+                    tracing::error!("cluster DNS listeners ended; starting them again");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "cluster DNS cannot serve yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
     });
     tokio::spawn(weft_agent::dns_host::follow(
         dns.clone(),

@@ -204,6 +204,29 @@ pub fn node_entry(node: &Node) -> NodeEntry {
     }
 }
 
+/// The Pod's addresses, primary first: `status.podIPs` when set (podIP is
+/// its first item), else `status.podIP` (older writers set it alone);
+/// unparsable ones and repeats left out.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.as_deref().unwrap_or_default();
+    let only = status.pod_ip.as_deref().filter(|_| listed.is_empty());
+    let mut ips = Vec::with_capacity(listed.len().max(1));
+    for ip in listed
+        .iter()
+        .map(|p| p.ip.as_str())
+        .chain(only)
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+    {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
 /// The entry for a Pod, or `None` when the Pod owns no pod IP: none assigned
 /// yet, `hostNetwork` (its address is its node's, which the pod must not be
 /// taken to own), or terminal (`Succeeded`/`Failed`: the runtime released its
@@ -214,29 +237,11 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return None;
     }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
-    // podIPs is authoritative when set (podIP is its first item); older
-    // writers set podIP alone.
-    let listed: Vec<&str> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .collect();
-    let sources = if listed.is_empty() {
-        status.pod_ip.as_deref().into_iter().collect()
-    } else {
-        listed
-    };
-    let mut ips: Vec<IpAddr> = Vec::with_capacity(sources.len());
-    for ip in sources.into_iter().filter_map(|s| s.parse::<IpAddr>().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
+    let ips = pod_ips(pod);
     if ips.is_empty() {
         return None;
     }

@@ -1271,7 +1271,7 @@ impl Inner {
             match entry {
                 Some(e) => {
                     if self.view_services.get(&k).map(|(old, _)| old) != Some(&e) {
-                        let json = Bytes::from(wire::service(&e));
+                        let json = Bytes::from(wire::entry(&e));
                         changes.push(Bytes::from(wire::service_change(&json)));
                         self.view_services.insert(k, (e, json));
                     }
@@ -1314,7 +1314,7 @@ impl Inner {
             let k = (ns.clone(), name.clone());
             match entry {
                 Some(e) => {
-                    let json = Bytes::from(wire::pod(&e));
+                    let json = Bytes::from(wire::entry(&e));
                     if self.view_pods.get(&k) != Some(&json) {
                         changes.push(Bytes::from(wire::pod_change(&json)));
                         self.view_pods.insert(k, json);

@@ -307,31 +307,31 @@ impl StreamFrame {
 
 /// Building frames from pre-encoded pieces; the result decodes as [`StreamFrame`].
 pub mod wire {
-    use super::{Change, NodeEntry, PodEntry, ServiceEntry};
+    use super::{Change, NodeEntry};
+    use serde::Serialize;
 
-    /// An entry's JSON, to be kept and reused by [`reset`] and [`service_change`].
-    pub fn service(entry: &ServiceEntry) -> Vec<u8> {
+    /// An entry's JSON (a [`super::ServiceEntry`] or a [`super::PodEntry`]),
+    /// to be kept and reused by [`reset`] and by [`service_change`] or
+    /// [`pod_change`].
+    pub fn entry(entry: &impl Serialize) -> Vec<u8> {
         serde_json::to_vec(entry).unwrap_or_default()
     }
 
-    /// The JSON of `Change::Service` around an entry encoded by [`service`].
+    /// The JSON of `Change::Service` around a Service entry encoded by [`entry`].
     pub fn service_change(encoded: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(encoded.len() + 32);
-        v.extend_from_slice(b"{\"op\":\"Service\",\"service\":");
-        v.extend_from_slice(encoded);
-        v.push(b'}');
-        v
+        put(b"{\"op\":\"Service\",\"service\":", encoded)
     }
 
-    /// A Pod entry's JSON, to be kept and reused by [`reset`] and [`pod_change`].
-    pub fn pod(entry: &PodEntry) -> Vec<u8> {
-        serde_json::to_vec(entry).unwrap_or_default()
-    }
-
-    /// The JSON of `Change::Pod` around an entry encoded by [`pod`].
+    /// The JSON of `Change::Pod` around a Pod entry encoded by [`entry`].
     pub fn pod_change(encoded: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(encoded.len() + 24);
-        v.extend_from_slice(b"{\"op\":\"Pod\",\"pod\":");
+        put(b"{\"op\":\"Pod\",\"pod\":", encoded)
+    }
+
+    /// An add-or-replace change: `head` (its op and field name), the encoded
+    /// entry, the closing brace.
+    fn put(head: &[u8], encoded: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(head.len() + encoded.len() + 1);
+        v.extend_from_slice(head);
         v.extend_from_slice(encoded);
         v.push(b'}');
         v
@@ -573,8 +573,8 @@ mod tests {
             ready: true,
         };
         let p = pod("web-0", &["198.18.128.2"]);
-        let enc: Vec<Vec<u8>> = [&a, &b].into_iter().map(wire::service).collect();
-        let enc_pod = wire::pod(&p);
+        let enc: Vec<Vec<u8>> = [&a, &b].into_iter().map(wire::entry).collect();
+        let enc_pod = wire::entry(&p);
         let line = wire::reset(
             7,
             enc.iter().map(|v| v.as_slice()),

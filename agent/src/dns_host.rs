@@ -11,7 +11,7 @@
 
 use crate::sync::{SharedChanges, SharedView, ViewChanges};
 use futures_util::TryStreamExt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 use weft_dns::feed::{Changed, Feed};
@@ -136,10 +136,7 @@ pub async fn follow(
             let started = std::time::Instant::now();
             let stats = {
                 let v = view.read().unwrap_or_else(|p| p.into_inner());
-                let mut snap = weft_dns::Snapshot::clone(&dns.snapshot());
-                let stats = feed.update(&mut snap, &v, &changed);
-                dns.publish(snap);
-                stats
+                weft_dns::feed::publish(&dns, &mut feed, &v, &changed)
             };
             tracing::debug!(
                 services = stats.services_changed,
@@ -152,15 +149,4 @@ pub async fn follow(
             return;
         }
     }
-}
-
-/// Where the server listens: the cluster DNS address, port 53.
-pub fn listen_addrs(cluster_dns: IpAddr, extra: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut v = vec![SocketAddr::new(cluster_dns, 53)];
-    for a in extra {
-        if !v.contains(a) {
-            v.push(*a);
-        }
-    }
-    v
 }

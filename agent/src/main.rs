@@ -407,24 +407,7 @@ async fn start_dns(
     } else {
         (args.dns_upstream.clone(), Vec::new())
     };
-    let cluster_suffix = args
-        .cluster_domain
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let search: Vec<hickory_proto::rr::Name> = search
-        .iter()
-        // The cluster's own suffixes are walked first anyway.
-        .filter(|s| {
-            !s.trim_end_matches('.')
-                .to_ascii_lowercase()
-                .ends_with(&cluster_suffix)
-        })
-        .filter_map(|s| {
-            let mut n = hickory_proto::rr::Name::from_ascii(s.trim_end_matches('.')).ok()?;
-            n.set_fqdn(true);
-            Some(n)
-        })
-        .collect();
+    let search = weft_dns::handler::host_search(&search, &zone.zone);
     let forwarder = (!upstreams.is_empty()).then(|| {
         std::sync::Arc::new(Forwarder::new(ForwardConfig {
             upstreams: upstreams.clone(),
@@ -441,7 +424,8 @@ async fn start_dns(
         tcp_idle: std::time::Duration::from_secs(args.dns_tcp_idle_seconds.max(1)),
         ..Default::default()
     };
-    let listen = weft_agent::dns_host::listen_addrs(args.cluster_dns, &[]);
+    // The cluster DNS address only (design: never every address of the node).
+    let listen = [std::net::SocketAddr::new(args.cluster_dns, 53)];
     let (cluster_dns, domain) = (args.cluster_dns, args.cluster_domain.clone());
     let serving = dns.clone();
     // The address and the sockets are retried, never fatal: an agent that

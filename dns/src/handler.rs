@@ -62,14 +62,25 @@ pub enum Outcome {
     /// Send nothing (not a query, or not even a header).
     Drop,
     /// Needs the forwarder: finish with [`ClusterDns::finish`].
-    Pending(Pending),
+    Pending(Box<Pending>),
 }
 
-/// A parsed request waiting for upstream answers.
+/// A parsed request waiting for upstream answers, with what the zone
+/// already decided about it.
 pub struct Pending {
     request: Message,
-    src: IpAddr,
     transport: Transport,
+    step: Upstream,
+}
+
+/// What a pending request needs from the upstreams.
+enum Upstream {
+    /// The zone's answer ends in a CNAME to a name outside the zone.
+    Chase(Answer),
+    /// The rest of a pod's search path.
+    SearchPath,
+    /// Not a cluster name at all.
+    Forward,
 }
 
 /// The cluster DNS request handler.
@@ -150,45 +161,45 @@ impl ClusterDns {
             return Outcome::Reply(self.error(&request, ResponseCode::Refused, transport));
         }
         let snap = self.snapshot.load();
-        match self.local(&snap, q.name(), q.query_type(), src) {
+        let (qname, qtype) = (q.name(), q.query_type());
+        let step = match self.local(&snap, qname, qtype, src) {
             Local::Done(answer) => {
                 self.stats.answered_locally.fetch_add(1, Relaxed);
-                Outcome::Reply(self.encode(&request, answer, transport))
+                return Outcome::Reply(self.encode(&request, answer, transport));
             }
-            Local::Chase(answer) if self.forwarder.is_none() => {
-                // Nothing to resolve the target with: the CNAME alone.
-                let mut answer = answer;
-                answer.chase = None;
-                Outcome::Reply(self.encode(&request, answer, transport))
-            }
-            Local::Chase(_) | Local::Forward | Local::SearchPath if self.forwarder.is_some() => {
-                Outcome::Pending(Pending {
-                    request,
-                    src,
-                    transport,
-                })
-            }
-            Local::SearchPath => {
-                // Without a forwarder the walk covers the zone only.
-                let answer = self.search_path_local(&snap, q.name(), q.query_type(), src);
-                Outcome::Reply(self.encode(&request, answer, transport))
-            }
-            Local::Forward | Local::Chase(_) => {
-                Outcome::Reply(self.error(&request, ResponseCode::Refused, transport))
-            }
+            Local::Upstream(step) => step,
+        };
+        if self.forwarder.is_some() {
+            return Outcome::Pending(Box::new(Pending {
+                request,
+                transport,
+                step,
+            }));
         }
+        // No upstreams: what the zone alone can say.
+        let answer = match step {
+            // The CNAME alone.
+            Upstream::Chase(mut a) => {
+                a.chase = None;
+                a
+            }
+            Upstream::SearchPath => self.search_path_in_zone(&snap, qname, qtype),
+            Upstream::Forward => {
+                return Outcome::Reply(self.error(&request, ResponseCode::Refused, transport))
+            }
+        };
+        Outcome::Reply(self.encode(&request, answer, transport))
     }
 
     /// Finish a pending request (forwarding, chasing, or walking the search
     /// path through the upstreams).
-    pub async fn finish(&self, p: Pending) -> Vec<u8> {
-        let q = p.request.queries[0].clone();
+    pub async fn finish(&self, p: Box<Pending>) -> Vec<u8> {
+        let q = &p.request.queries[0];
         let snap = self.snapshot.load_full();
-        let answer = match self.local(&snap, q.name(), q.query_type(), p.src) {
-            Local::Done(a) => a,
-            Local::Chase(a) => self.chase(&snap, a, q.query_type(), &p.request).await,
-            Local::SearchPath => self.search_path(&snap, &q, p.src, &p.request).await,
-            Local::Forward => {
+        let answer = match p.step {
+            Upstream::Chase(a) => self.chase(&snap, a, q.query_type(), &p.request).await,
+            Upstream::SearchPath => self.search_path(&snap, q, &p.request).await,
+            Upstream::Forward => {
                 self.stats.forwarded.fetch_add(1, Relaxed);
                 let Some(fwd) = &self.forwarder else {
                     return self.error(&p.request, ResponseCode::Refused, p.transport);
@@ -198,6 +209,12 @@ impl ClusterDns {
             }
         };
         self.encode(&p.request, answer, p.transport)
+    }
+
+    /// SERVFAIL for a pending request the server has no room for (too many
+    /// already wait for the upstreams): at once, never queued.
+    pub fn busy(&self, p: Box<Pending>) -> Vec<u8> {
+        self.error(&p.request, ResponseCode::ServFail, p.transport)
     }
 
     /// Answer raw bytes completely (the forwarder awaited if needed).
@@ -213,18 +230,18 @@ impl ClusterDns {
         if zone::in_zone(&snap.config, name) {
             let a = snap.lookup(name, qtype);
             if a.rcode == ResponseCode::NXDomain && self.search_path_applies(snap, name, src) {
-                return Local::SearchPath;
+                return Local::Upstream(Upstream::SearchPath);
             }
             let a = chase_in_zone(snap, a, qtype);
             if a.chase.is_some() {
-                return Local::Chase(a);
+                return Local::Upstream(Upstream::Chase(a));
             }
             return Local::Done(a);
         }
         if let Some(a) = snap.lookup_reverse(name, qtype) {
             return Local::Done(a);
         }
-        Local::Forward
+        Local::Upstream(Upstream::Forward)
     }
 
     /// `X.<ns>.svc.<zone>` asked by a pod of `<ns>`, X not empty.
@@ -248,128 +265,98 @@ impl ClusterDns {
     /// `X.svc.<zone>`, `X.<zone>`, `X.<host search>…`, then `X` itself.
     fn search_candidates(&self, snap: &Snapshot, name: &Name) -> Vec<Name> {
         let zone = &snap.config.zone;
-        let total = name.num_labels() as usize;
-        let keep = total - zone.num_labels() as usize - 2;
-        let mut bare = name.trim_to(total).clone();
-        // The first `keep` labels: X.
-        let labels: Vec<&[u8]> = name.iter().take(keep).collect();
-        if let Ok(mut x) = Name::from_labels(labels) {
-            x.set_fqdn(true);
-            bare = x;
-        }
-        let svc_zone = zone.prepend_label("svc").ok();
-        let mut out = Vec::new();
-        for suffix in svc_zone
-            .iter()
-            .chain(std::iter::once(zone))
+        // The labels before `<ns>.svc.<zone>`: X.
+        let keep = name.num_labels() as usize - zone.num_labels() as usize - 2;
+        let Ok(mut bare) = Name::from_labels(name.iter().take(keep)) else {
+            return Vec::new();
+        };
+        bare.set_fqdn(true);
+        let mut out: Vec<Name> = [&snap.config.svc_zone, zone]
+            .into_iter()
             .chain(self.host_search.iter())
-        {
-            if let Ok(n) = bare.clone().append_domain(suffix) {
-                out.push(n);
-            }
-        }
+            .filter_map(|suffix| bare.clone().append_domain(suffix).ok())
+            .collect();
         out.push(bare);
         out
     }
 
-    fn search_path_local(
-        &self,
-        snap: &Snapshot,
-        name: &Name,
-        qtype: RecordType,
-        src: IpAddr,
-    ) -> Answer {
-        let _ = src;
+    /// A search-path candidate inside the zone: its answer when the name
+    /// exists (CNAMEs inside the zone followed).
+    fn candidate_in_zone(snap: &Snapshot, cand: &Name, qtype: RecordType) -> Option<Answer> {
+        let a = snap.lookup(cand, qtype);
+        (a.rcode == ResponseCode::NoError).then(|| chase_in_zone(snap, a, qtype))
+    }
+
+    fn found(&self, name: &Name, cand: &Name, a: Answer, snap: &Snapshot) -> Answer {
+        self.stats.search_path_hits.fetch_add(1, Relaxed);
+        alias(name, cand, a, snap.config.ttl)
+    }
+
+    /// The search path without upstreams: the zone's candidates only.
+    fn search_path_in_zone(&self, snap: &Snapshot, name: &Name, qtype: RecordType) -> Answer {
         for cand in self.search_candidates(snap, name) {
             if !zone::in_zone(&snap.config, &cand) {
                 continue;
             }
-            let a = snap.lookup(&cand, qtype);
-            if a.rcode == ResponseCode::NoError {
-                self.stats.search_path_hits.fetch_add(1, Relaxed);
-                return alias(name, &cand, a, snap.config.ttl);
+            if let Some(a) = Self::candidate_in_zone(snap, &cand, qtype) {
+                return self.found(name, &cand, a, snap);
             }
         }
         snap.lookup(name, qtype)
     }
 
-    async fn search_path(
-        &self,
-        snap: &Snapshot,
-        q: &Query,
-        src: IpAddr,
-        request: &Message,
-    ) -> Answer {
-        let _ = src;
-        for cand in self.search_candidates(snap, q.name()) {
-            let a = if zone::in_zone(&snap.config, &cand) {
-                let a = snap.lookup(&cand, q.query_type());
-                if a.chase.is_some() {
-                    self.chase(snap, a, q.query_type(), request).await
-                } else {
-                    a
+    async fn search_path(&self, snap: &Snapshot, q: &Query, request: &Message) -> Answer {
+        let (name, qtype) = (q.name(), q.query_type());
+        for cand in self.search_candidates(snap, name) {
+            if zone::in_zone(&snap.config, &cand) {
+                if let Some(a) = Self::candidate_in_zone(snap, &cand, qtype) {
+                    let a = self.chase(snap, a, qtype, request).await;
+                    // A CNAME to a name that does not exist: walk on.
+                    if a.rcode == ResponseCode::NoError {
+                        return self.found(name, &cand, a, snap);
+                    }
                 }
-            } else if let Some(fwd) = &self.forwarder {
-                let resp = fwd
-                    .forward(&sub_request(request, &cand, q.query_type()))
-                    .await;
-                match resp.metadata.response_code {
-                    ResponseCode::NoError => Answer {
-                        rcode: ResponseCode::NoError,
+                continue;
+            }
+            let Some(fwd) = &self.forwarder else { continue };
+            let resp = fwd.forward(&sub_request(request, &cand, qtype)).await;
+            match resp.metadata.response_code {
+                ResponseCode::NoError => {
+                    let a = Answer {
                         answers: resp.answers,
                         authorities: resp.authorities,
-                        additionals: Vec::new(),
-                        chase: None,
-                    },
-                    // NXDOMAIN goes on; SERVFAIL etc. stop the walk: the
-                    // client then walks on itself.
-                    ResponseCode::NXDomain => continue,
-                    _ => break,
+                        ..Answer::new(ResponseCode::NoError)
+                    };
+                    return self.found(name, &cand, a, snap);
                 }
-            } else {
-                continue;
-            };
-            if a.rcode == ResponseCode::NoError {
-                self.stats.search_path_hits.fetch_add(1, Relaxed);
-                return alias(q.name(), &cand, a, snap.config.ttl);
+                // NXDOMAIN goes on; SERVFAIL etc. stop the walk: the client
+                // then walks on itself.
+                ResponseCode::NXDomain => continue,
+                _ => break,
             }
         }
-        snap.lookup(q.name(), q.query_type())
+        snap.lookup(name, qtype)
     }
 
-    /// Follow a CNAME out of the zone (ExternalName) and append what the
-    /// target resolves to.
+    /// Follow a CNAME chain (an ExternalName): inside the zone at once, then
+    /// the first name outside it through the upstreams, whose answer (and
+    /// rcode, RFC 6604) ends the chain.
     async fn chase(
         &self,
         snap: &Snapshot,
-        mut a: Answer,
+        a: Answer,
         qtype: RecordType,
         request: &Message,
     ) -> Answer {
-        let mut depth = 0;
-        while let Some(target) = a.chase.take() {
-            depth += 1;
-            if depth > MAX_CHAIN {
-                break;
-            }
-            if zone::in_zone(&snap.config, &target) {
-                let next = snap.lookup(&target, qtype);
-                a.answers.extend(next.answers);
-                a.chase = next.chase;
-                if a.answers.is_empty() {
-                    a.rcode = next.rcode;
-                }
-                continue;
-            }
-            let Some(fwd) = &self.forwarder else { break };
-            let resp = fwd.forward(&sub_request(request, &target, qtype)).await;
-            // The CNAME itself answers the question; the target's answer
-            // follows it (and its rcode, RFC 6604).
-            a.rcode = resp.metadata.response_code;
-            a.answers.extend(resp.answers);
-            if a.rcode != ResponseCode::NoError {
-                a.authorities.extend(resp.authorities);
-            }
+        let mut a = chase_in_zone(snap, a, qtype);
+        let (Some(target), Some(fwd)) = (a.chase.take(), &self.forwarder) else {
+            return a;
+        };
+        let resp = fwd.forward(&sub_request(request, &target, qtype)).await;
+        a.rcode = resp.metadata.response_code;
+        a.answers.extend(resp.answers);
+        if a.rcode != ResponseCode::NoError {
+            a.authorities.extend(resp.authorities);
         }
         a
     }
@@ -440,11 +427,8 @@ impl ClusterDns {
         m.metadata.authentic_data = resp.metadata.authentic_data;
         m.answers = resp.answers;
         m.authorities = resp.authorities;
-        m.additionals = resp
-            .additionals
-            .into_iter()
-            .filter(|r| r.record_type() != RecordType::OPT)
-            .collect();
+        // (hickory parses the upstream's OPT into `edns`, never additionals.)
+        m.additionals = resp.additionals;
         self.emit(m, request, transport)
     }
 
@@ -480,12 +464,7 @@ impl ClusterDns {
 
 enum Local {
     Done(Answer),
-    /// An answer with a CNAME whose target is outside the zone.
-    Chase(Answer),
-    /// NXDOMAIN for the first step of a pod's search path: walk the rest.
-    SearchPath,
-    /// Not a cluster name.
-    Forward,
+    Upstream(Upstream),
 }
 
 /// Follow CNAMEs whose targets are in the zone (an ExternalName naming
@@ -507,6 +486,20 @@ fn chase_in_zone(snap: &Snapshot, mut a: Answer, qtype: RecordType) -> Answer {
         }
     }
     a
+}
+
+/// The node's own search domains (resolv.conf `search`) as the tail of a
+/// pod's search path: the cluster zone's own suffixes are left out (the walk
+/// tries them first anyway), and names that do not parse.
+pub fn host_search(search: &[String], zone: &Name) -> Vec<Name> {
+    search
+        .iter()
+        .filter_map(|s| {
+            let mut n = Name::from_ascii(s.trim_end_matches('.')).ok()?;
+            n.set_fqdn(true);
+            (!zone.zone_of(&n)).then_some(n)
+        })
+        .collect()
 }
 
 /// `name CNAME target` followed by the target's answer.
@@ -544,6 +537,7 @@ mod tests {
 
     const POD: &str = "198.18.128.9"; // a pod of namespace shop in the fixture
     const HOST: &str = "198.18.0.11";
+    const OTHER_POD: &str = "198.18.129.9"; // a pod of namespace ops
 
     fn query(name: &str, qtype: RecordType) -> Message {
         let mut m = Message::query();
@@ -749,7 +743,9 @@ mod tests {
 
     #[tokio::test]
     async fn search_path_is_walked_on_the_server_for_pods() {
-        let d = dns(None);
+        let mut snap = fixture(PodRecords::Disabled);
+        snap.put_pod("ops", "other", &[], &[OTHER_POD.parse().unwrap()]);
+        let d = ClusterDns::new(snap, None, Vec::new());
         // `web.shop` from a pod of shop: first try web.shop.shop.svc.cluster.local.
         let r = ask(
             &d,
@@ -770,7 +766,16 @@ mod tests {
         )
         .await;
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-        // A pod of another namespace asking under shop's suffix: not its first step.
+        // A pod of another namespace asking under shop's suffix: not its
+        // first step, so not walked.
+        let r = ask(
+            &d,
+            &query("web.shop.shop.svc.cluster.local.", RecordType::A),
+            OTHER_POD,
+            Transport::Udp,
+        )
+        .await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
         // And a name that exists nowhere: NXDOMAIN.
         let r = ask(
             &d,
@@ -780,7 +785,11 @@ mod tests {
         )
         .await;
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-        assert!(d.stats.search_path_hits.load(Relaxed) >= 1);
+        assert_eq!(
+            d.stats.search_path_hits.load(Relaxed),
+            1,
+            "only the pod's own walk"
+        );
     }
 
     /// An upstream on loopback: `example.test` A 198.19.255.1, NXDOMAIN otherwise.
@@ -899,6 +908,46 @@ mod tests {
             "the chain's last name's rcode"
         );
         assert_eq!(rdata(&r), ["gone.shop.svc.cluster.local."]);
+    }
+
+    #[test]
+    fn a_request_with_no_room_upstream_gets_servfail_at_once() {
+        // The forwarder is never asked: `busy` answers instead.
+        let fwd = Arc::new(Forwarder::new(ForwardConfig {
+            upstreams: vec!["127.0.0.1:9".parse().unwrap()],
+            ..Default::default()
+        }));
+        let d = dns(Some(fwd.clone()));
+        let raw = with_edns(query("example.test.", RecordType::A), 1232)
+            .to_vec()
+            .unwrap();
+        let Outcome::Pending(p) = d.respond_now(&raw, HOST.parse().unwrap(), Transport::Udp) else {
+            panic!("a name outside the cluster waits for the upstreams");
+        };
+        let r = Message::from_vec(&d.busy(p)).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(r.metadata.id, 4242);
+        assert_eq!(r.queries[0].name().to_ascii(), "example.test.");
+        assert!(r.edns.is_some(), "EDNS answered like any response");
+        assert_eq!(d.stats.servfail.load(Relaxed), 1);
+        assert_eq!(fwd.stats().queries, 0);
+    }
+
+    #[test]
+    fn host_search_leaves_out_the_cluster_zone() {
+        let zone = Name::from_ascii("cluster.local.").unwrap();
+        let got = host_search(
+            &[
+                "svc.Cluster.Local".into(),
+                "corp.example.test.".into(),
+                "cluster.local".into(),
+                "bad..name".into(),
+                "lab.test".into(),
+            ],
+            &zone,
+        );
+        let got: Vec<String> = got.iter().map(|n| n.to_ascii()).collect();
+        assert_eq!(got, ["corp.example.test.", "lab.test."]);
     }
 
     #[tokio::test]

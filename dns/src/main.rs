@@ -109,15 +109,7 @@ fn run() -> Result<()> {
         for (ip, why) in &rc.rejected {
             tracing::warn!(%ip, why, "upstream rejected");
         }
-        let search = rc
-            .search
-            .iter()
-            .filter_map(|s| {
-                let mut n = hickory_proto::rr::Name::from_ascii(s.trim_end_matches('.')).ok()?;
-                n.set_fqdn(true);
-                Some(n)
-            })
-            .collect();
+        let search = weft_dns::handler::host_search(&rc.search, &snap.config.zone);
         let fwd = (!rc.upstreams.is_empty()).then(|| {
             Arc::new(Forwarder::new(ForwardConfig {
                 upstreams: rc.upstreams.clone(),

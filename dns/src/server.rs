@@ -170,29 +170,11 @@ async fn serve_udp(dns: Arc<ClusterDns>, sock: Arc<UdpSocket>, pending: Arc<Sema
                     });
                 }
                 Err(_) => {
-                    dns.stats
-                        .servfail
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Some(b) = servfail(&buf[..n]) {
-                        let _ = sock.send_to(&b, src).await;
-                    }
+                    let _ = sock.send_to(&dns.busy(p), src).await;
                 }
             },
         }
     }
-}
-
-/// SERVFAIL for a request (header and question echoed): the answer when
-/// the forwarder is saturated.
-fn servfail(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut m = hickory_proto::op::Message::from_vec(raw).ok()?;
-    m.metadata.message_type = hickory_proto::op::MessageType::Response;
-    m.metadata.response_code = hickory_proto::op::ResponseCode::ServFail;
-    m.answers.clear();
-    m.authorities.clear();
-    m.additionals.clear();
-    m.edns = None;
-    m.to_vec().ok()
 }
 
 async fn serve_tcp(
@@ -257,10 +239,7 @@ async fn tcp_connection(
                     drop(permit);
                     r
                 }
-                Err(_) => match servfail(&buf) {
-                    Some(b) => b,
-                    None => continue,
-                },
+                Err(_) => dns.busy(p),
             },
         };
         if reply.len() > u16::MAX as usize {

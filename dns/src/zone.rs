@@ -44,6 +44,12 @@ pub struct ZoneConfig {
     pub pods: PodRecords,
     /// Addresses of the server itself: `ns.dns.<zone>` answers them.
     pub nameservers: Vec<IpAddr>,
+    /// `ns.dns.<zone>`: the NS of the apex and the SOA's MNAME.
+    pub ns_name: Name,
+    /// `hostmaster.<zone>`: the SOA's RNAME.
+    pub hostmaster: Name,
+    /// `svc.<zone>`: the second step of a pod's search path.
+    pub svc_zone: Name,
 }
 
 /// A zone setting that is not usable.
@@ -75,8 +81,19 @@ impl ZoneConfig {
         if !(1..=86_400).contains(&ttl) {
             return Err(ZoneConfigError::Ttl { value: ttl });
         }
+        let zone = name.to_lowercase();
+        let under = |labels: &[&str]| {
+            let mut n = zone.clone();
+            for l in labels {
+                n = n.prepend_label(*l).map_err(|e| bad(e.to_string()))?;
+            }
+            Ok::<Name, ZoneConfigError>(n)
+        };
         Ok(ZoneConfig {
-            zone: name.to_lowercase(),
+            ns_name: under(&["dns", "ns"])?,
+            hostmaster: under(&["hostmaster"])?,
+            svc_zone: under(&["svc"])?,
+            zone,
             ttl,
             pods,
             nameservers,
@@ -98,8 +115,7 @@ pub struct ServiceRecords {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceKind {
     ClusterIp {
-        v4: Vec<Ipv4Addr>,
-        v6: Vec<Ipv6Addr>,
+        ips: Vec<IpAddr>,
     },
     /// Ready endpoints (all of them with publishNotReadyAddresses).
     Headless {
@@ -204,15 +220,9 @@ pub fn compile_service(zone: &Name, s: &ServiceEntry) -> Option<ServiceRecords> 
         }
         ServiceKind::Headless { endpoints }
     } else {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
-        for ip in &s.cluster_ips {
-            match ip {
-                IpAddr::V4(a) => v4.push(*a),
-                IpAddr::V6(a) => v6.push(*a),
-            }
+        ServiceKind::ClusterIp {
+            ips: s.cluster_ips.clone(),
         }
-        ServiceKind::ClusterIp { v4, v6 }
     };
     Some(ServiceRecords { name, kind, ports })
 }
@@ -222,12 +232,9 @@ impl ServiceRecords {
     /// endpoints), with the name each points to.
     pub fn reverse(&self) -> Vec<(IpAddr, Name)> {
         match &self.kind {
-            ServiceKind::ClusterIp { v4, v6 } => v4
-                .iter()
-                .map(|a| IpAddr::V4(*a))
-                .chain(v6.iter().map(|a| IpAddr::V6(*a)))
-                .map(|ip| (ip, self.name.clone()))
-                .collect(),
+            ServiceKind::ClusterIp { ips } => {
+                ips.iter().map(|ip| (*ip, self.name.clone())).collect()
+            }
             ServiceKind::Headless { endpoints } => endpoints
                 .iter()
                 .filter_map(|e| {
@@ -400,8 +407,9 @@ impl Snapshot {
 
     /// Replace (or with `None` remove) one Service's records.
     pub fn put_service(&mut self, key: (String, String), records: Option<ServiceRecords>) {
+        let records = records.map(Arc::new);
         let old = match &records {
-            Some(r) => self.services.insert(key.clone(), Arc::new(r.clone())),
+            Some(r) => self.services.insert(key.clone(), r.clone()),
             None => self.services.remove(&key),
         };
         if let Some(old) = &old {
@@ -488,7 +496,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn new(rcode: ResponseCode) -> Answer {
+    pub fn new(rcode: ResponseCode) -> Answer {
         Answer {
             rcode,
             answers: Vec::new(),
@@ -517,17 +525,16 @@ pub fn reverse_ip(name: &Name) -> Option<IpAddr> {
 impl Snapshot {
     fn soa(&self) -> Record {
         let c = &self.config;
-        let mname = c
-            .zone
-            .prepend_label("dns")
-            .and_then(|n| n.prepend_label("ns"))
-            .unwrap_or_else(|_| c.zone.clone());
-        let rname = c
-            .zone
-            .prepend_label("hostmaster")
-            .unwrap_or_else(|_| c.zone.clone());
         // The serial follows the view's revision (wrapping, RFC 1982).
-        let soa = SOA::new(mname, rname, self.rev as u32, 7200, 1800, 86400, c.ttl);
+        let soa = SOA::new(
+            c.ns_name.clone(),
+            c.hostmaster.clone(),
+            self.rev as u32,
+            7200,
+            1800,
+            86400,
+            c.ttl,
+        );
         Record::from_rdata(c.zone.clone(), c.ttl, RData::SOA(soa))
     }
 
@@ -541,13 +548,6 @@ impl Snapshot {
         let mut a = Answer::new(ResponseCode::NoError);
         a.authorities.push(self.soa());
         a
-    }
-
-    fn ns_name(&self) -> Name {
-        let z = &self.config.zone;
-        z.prepend_label("dns")
-            .and_then(|n| n.prepend_label("ns"))
-            .unwrap_or_else(|_| z.clone())
     }
 
     fn address_records(&self, owner: &Name, ips: &[IpAddr], qtype: RecordType) -> Vec<Record> {
@@ -567,6 +567,23 @@ impl Snapshot {
             .collect()
     }
 
+    /// `owner`'s addresses of the asked type, or NODATA when none is.
+    fn addresses(&self, owner: &Name, ips: &[IpAddr], qtype: RecordType) -> Answer {
+        let answers = self.address_records(owner, ips, qtype);
+        if answers.is_empty() {
+            return self.nodata();
+        }
+        Answer {
+            answers,
+            ..Answer::new(ResponseCode::NoError)
+        }
+    }
+
+    /// The compiled records of Service `svc` in namespace `ns` (lower case).
+    fn service_records(&self, ns: &str, svc: &str) -> Option<&Arc<ServiceRecords>> {
+        self.services.get(&(ns.to_string(), svc.to_string()))
+    }
+
     /// Answer a question for a name inside the cluster zone. `qname` keeps
     /// the asker's case (answers echo it); matching ignores case.
     pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Answer {
@@ -578,15 +595,16 @@ impl Snapshot {
         if total < zone_labels || !self.config.zone.zone_of(qname) {
             return Answer::new(ResponseCode::Refused);
         }
-        // Labels below the zone, outermost last, lower case.
-        let labels: Vec<String> = qname
+        // Labels below the zone, outermost last, lower case (a label that
+        // is not UTF-8 matches nothing).
+        let lower = qname.to_lowercase();
+        let labels: Vec<&str> = lower
             .iter()
             .take(total - zone_labels)
-            .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+            .map(|l| std::str::from_utf8(l).unwrap_or("\u{0}"))
             .collect();
         let ttl = self.config.ttl;
-        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-        match l.as_slice() {
+        match labels.as_slice() {
             [] => {
                 let mut a = Answer::new(ResponseCode::NoError);
                 match qtype {
@@ -597,11 +615,10 @@ impl Snapshot {
                         a.answers.push(Record::from_rdata(
                             qname.clone(),
                             ttl,
-                            RData::NS(NS(self.ns_name())),
+                            RData::NS(NS(self.config.ns_name.clone())),
                         ));
-                        let ns = self.ns_name();
                         a.additionals.extend(self.address_records(
-                            &ns,
+                            &self.config.ns_name,
                             &self.config.nameservers,
                             RecordType::ANY,
                         ));
@@ -611,7 +628,7 @@ impl Snapshot {
                         a.answers.push(Record::from_rdata(
                             qname.clone(),
                             ttl,
-                            RData::NS(NS(self.ns_name())),
+                            RData::NS(NS(self.config.ns_name.clone())),
                         ));
                     }
                     _ => return self.nodata(),
@@ -630,15 +647,7 @@ impl Snapshot {
                 }
                 _ => self.nodata(),
             },
-            ["ns", "dns"] => {
-                let recs = self.address_records(qname, &self.config.nameservers, qtype);
-                if recs.is_empty() {
-                    return self.nodata();
-                }
-                let mut a = Answer::new(ResponseCode::NoError);
-                a.answers = recs;
-                a
-            }
+            ["ns", "dns"] => self.addresses(qname, &self.config.nameservers, qtype),
             ["dns"] | ["svc"] | ["pod"] => self.nodata(),
             [ns, "svc"] => {
                 if self.namespaces.contains_key(*ns) {
@@ -649,42 +658,25 @@ impl Snapshot {
             }
             [svc, ns, "svc"] => self.service(qname, ns, svc, qtype),
             [first, svc, ns, "svc"] => {
-                let Some(s) = self.services.get(&(ns.to_string(), svc.to_string())) else {
+                let Some(s) = self.service_records(ns, svc) else {
                     return self.nxdomain();
                 };
-                match &s.kind {
-                    ServiceKind::Headless { endpoints } => {
-                        let ips: Vec<IpAddr> = endpoints
-                            .iter()
-                            .filter(|e| e.hostname == *first)
-                            .map(|e| e.ip)
-                            .collect();
-                        if ips.is_empty() {
-                            // `_proto.svc.ns.svc` of a named port exists as an
-                            // empty non-terminal.
-                            if s.ports.iter().any(|p| proto_label(p.protocol) == *first) {
-                                return self.nodata();
-                            }
-                            return self.nxdomain();
-                        }
-                        let recs = self.address_records(qname, &ips, qtype);
-                        if recs.is_empty() {
-                            return self.nodata();
-                        }
-                        let mut a = Answer::new(ResponseCode::NoError);
-                        a.answers = recs;
-                        a
-                    }
-                    _ => {
-                        if first.starts_with('_')
-                            && s.ports.iter().any(|p| proto_label(p.protocol) == *first)
-                        {
-                            self.nodata()
-                        } else {
-                            self.nxdomain()
-                        }
-                    }
+                // `_<proto>.<svc>…` of a named port: an empty non-terminal.
+                if s.ports.iter().any(|p| proto_label(p.protocol) == *first) {
+                    return self.nodata();
                 }
+                let ServiceKind::Headless { endpoints } = &s.kind else {
+                    return self.nxdomain();
+                };
+                let ips: Vec<IpAddr> = endpoints
+                    .iter()
+                    .filter(|e| e.hostname == *first)
+                    .map(|e| e.ip)
+                    .collect();
+                if ips.is_empty() {
+                    return self.nxdomain();
+                }
+                self.addresses(qname, &ips, qtype)
             }
             [port, proto, svc, ns, "svc"] if port.starts_with('_') && proto.starts_with('_') => {
                 self.srv(qname, &port[1..], proto, ns, svc, qtype)
@@ -695,7 +687,7 @@ impl Snapshot {
     }
 
     fn service(&self, qname: &Name, ns: &str, svc: &str, qtype: RecordType) -> Answer {
-        let Some(s) = self.services.get(&(ns.to_string(), svc.to_string())) else {
+        let Some(s) = self.service_records(ns, svc) else {
             return self.nxdomain();
         };
         let ttl = self.config.ttl;
@@ -712,33 +704,14 @@ impl Snapshot {
                 }
                 a
             }
-            ServiceKind::ClusterIp { v4, v6 } => {
-                let ips: Vec<IpAddr> = v4
-                    .iter()
-                    .map(|a| IpAddr::V4(*a))
-                    .chain(v6.iter().map(|a| IpAddr::V6(*a)))
-                    .collect();
-                let recs = self.address_records(qname, &ips, qtype);
-                if recs.is_empty() {
-                    return self.nodata();
-                }
-                let mut a = Answer::new(ResponseCode::NoError);
-                a.answers = recs;
-                a
-            }
+            ServiceKind::ClusterIp { ips } => self.addresses(qname, ips, qtype),
             ServiceKind::Headless { endpoints } => {
                 if endpoints.is_empty() {
                     // No ready endpoint: the name does not exist.
                     return self.nxdomain();
                 }
                 let ips: Vec<IpAddr> = endpoints.iter().map(|e| e.ip).collect();
-                let recs = self.address_records(qname, &ips, qtype);
-                if recs.is_empty() {
-                    return self.nodata();
-                }
-                let mut a = Answer::new(ResponseCode::NoError);
-                a.answers = recs;
-                a
+                self.addresses(qname, &ips, qtype)
             }
         }
     }
@@ -752,7 +725,7 @@ impl Snapshot {
         svc: &str,
         qtype: RecordType,
     ) -> Answer {
-        let Some(s) = self.services.get(&(ns.to_string(), svc.to_string())) else {
+        let Some(s) = self.service_records(ns, svc) else {
             return self.nxdomain();
         };
         let Some(idx) = s
@@ -765,7 +738,7 @@ impl Snapshot {
         let ttl = self.config.ttl;
         let mut a = Answer::new(ResponseCode::NoError);
         match &s.kind {
-            ServiceKind::ClusterIp { v4, v6 } => {
+            ServiceKind::ClusterIp { ips } => {
                 if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
                     return self.nodata();
                 }
@@ -774,12 +747,7 @@ impl Snapshot {
                     ttl,
                     RData::SRV(SRV::new(0, 100, s.ports[idx].port, s.name.clone())),
                 ));
-                let ips: Vec<IpAddr> = v4
-                    .iter()
-                    .map(|x| IpAddr::V4(*x))
-                    .chain(v6.iter().map(|x| IpAddr::V6(*x)))
-                    .collect();
-                a.additionals = self.address_records(&s.name, &ips, RecordType::ANY);
+                a.additionals = self.address_records(&s.name, ips, RecordType::ANY);
             }
             ServiceKind::Headless { endpoints } => {
                 let with_port: Vec<(&Endpoint, u16)> = endpoints
@@ -829,13 +797,7 @@ impl Snapshot {
                 return self.nxdomain();
             }
         }
-        let recs = self.address_records(qname, &[ip], qtype);
-        if recs.is_empty() {
-            return self.nodata();
-        }
-        let mut a = Answer::new(ResponseCode::NoError);
-        a.answers = recs;
-        a
+        self.addresses(qname, &[ip], qtype)
     }
 
     /// PTR for an address the cluster knows (Services, headless endpoints).

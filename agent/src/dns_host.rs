@@ -9,12 +9,12 @@
 //! conntrack NAT. The service dataplanes leave that address alone (see
 //! `PlanConfig::local_dns`). The server binds that address only.
 
-use crate::sync::{SharedChanges, SharedView, ViewChanges};
+use crate::sync::{SharedChanges, SharedView};
 use futures_util::TryStreamExt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
-use weft_dns::feed::{Changed, Feed};
+use weft_dns::feed::Feed;
 use weft_dns::ClusterDns;
 
 /// The dummy link that holds the cluster DNS address.
@@ -126,13 +126,8 @@ pub async fn follow(
 ) {
     let mut feed = Feed::default();
     loop {
-        let taken = ViewChanges::take(&changes);
-        let changed = Changed {
-            all: taken.all,
-            services: taken.services,
-            pods: taken.pods,
-        };
-        if changed.all || !changed.services.is_empty() || !changed.pods.is_empty() {
+        let changed = crate::sync::take(&changes);
+        if !changed.is_empty() {
             let started = std::time::Instant::now();
             let stats = {
                 let v = view.read().unwrap_or_else(|p| p.into_inner());

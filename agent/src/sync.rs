@@ -83,51 +83,14 @@ impl Stream {
 /// briefly; the sync loop applies each frame in place (no copy of the view).
 pub type SharedView = Arc<RwLock<NodeView>>;
 
-/// Which Services (and, apart, which Pods) the view changed since a consumer
-/// last took them: the keys of every applied delta, or everything after a
-/// reset. Lets the service dataplane re-plan only what changed instead of
-/// comparing every Service; a Pod change is not a Service change.
-#[derive(Debug, Default)]
-pub struct ViewChanges {
-    /// A reset replaced the view: anything may have changed.
-    pub all: bool,
-    pub services: std::collections::BTreeSet<(String, String)>,
-    pub pods: std::collections::BTreeSet<(String, String)>,
-}
+pub use weft_model::view::ViewChanges;
 
+/// A consumer's changes, noted by [`follow`] and taken by the consumer.
 pub type SharedChanges = Arc<std::sync::Mutex<ViewChanges>>;
 
-impl ViewChanges {
-    /// Take what accumulated, leaving nothing.
-    pub fn take(changes: &SharedChanges) -> ViewChanges {
-        std::mem::take(&mut *changes.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn record(&mut self, frame: &StreamFrame) {
-        match frame {
-            StreamFrame::Reset { .. } => self.all = true,
-            StreamFrame::Delta { changes, .. } => {
-                for c in changes {
-                    match c {
-                        weft_model::view::Change::Service { service } => {
-                            self.services.insert(service.key());
-                        }
-                        weft_model::view::Change::ServiceRemoved { namespace, name } => {
-                            self.services.insert((namespace.clone(), name.clone()));
-                        }
-                        weft_model::view::Change::Pod { pod } => {
-                            self.pods.insert(pod.key());
-                        }
-                        weft_model::view::Change::PodRemoved { namespace, name } => {
-                            self.pods.insert((namespace.clone(), name.clone()));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            StreamFrame::Ping { .. } => {}
-        }
-    }
+/// Take what accumulated, leaving nothing.
+pub fn take(changes: &SharedChanges) -> ViewChanges {
+    std::mem::take(&mut *changes.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Follow the stream forever, applying frames to `view`, noting what changed
@@ -178,10 +141,10 @@ pub async fn follow(
                                 // After the view holds the change, before
                                 // consumers are woken.
                                 for changed in &consumers {
-                                    let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
-                                    c.all |= noted.all;
-                                    c.services.extend(noted.services.iter().cloned());
-                                    c.pods.extend(noted.pods.iter().cloned());
+                                    changed
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .merge(&noted);
                                 }
                             }
                             let _ = revs.send(rev);

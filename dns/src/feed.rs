@@ -8,16 +8,8 @@
 use crate::zone::{compile_service, Snapshot};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use weft_model::view::ViewChanges;
 use weft_model::NodeView;
-
-/// What changed in the view since the last update.
-#[derive(Clone, Debug, Default)]
-pub struct Changed {
-    /// Everything may have changed (a reset).
-    pub all: bool,
-    pub services: BTreeSet<(String, String)>,
-    pub pods: BTreeSet<(String, String)>,
-}
 
 /// The pods' addresses last written into the snapshot.
 #[derive(Debug, Default)]
@@ -34,7 +26,12 @@ pub struct FeedStats {
 
 impl Feed {
     /// Bring `snap` to `view`, looking at what `changed` names.
-    pub fn update(&mut self, snap: &mut Snapshot, view: &NodeView, changed: &Changed) -> FeedStats {
+    pub fn update(
+        &mut self,
+        snap: &mut Snapshot,
+        view: &NodeView,
+        changed: &ViewChanges,
+    ) -> FeedStats {
         let mut stats = FeedStats::default();
         let zone = snap.config.zone.clone();
         let mut service = |snap: &mut Snapshot, key: &(String, String)| {
@@ -106,7 +103,7 @@ pub fn snapshot_of(config: crate::ZoneConfig, view: &NodeView) -> Snapshot {
     feed.update(
         &mut snap,
         view,
-        &Changed {
+        &ViewChanges {
             all: true,
             ..Default::default()
         },
@@ -120,7 +117,7 @@ pub fn publish(
     dns: &crate::ClusterDns,
     feed: &mut Feed,
     view: &NodeView,
-    changed: &Changed,
+    changed: &ViewChanges,
 ) -> FeedStats {
     let mut snap: Snapshot = Snapshot::clone(&dns.snapshot());
     let stats = feed.update(&mut snap, view, changed);

@@ -402,6 +402,56 @@ pub struct NodeView {
     pub pods: BTreeMap<(String, String), PodEntry>,
 }
 
+/// Which Services and which Pods the view changed since a consumer last
+/// looked: the keys of every applied delta, or everything after a reset.
+/// Consumers (the service dataplane, cluster DNS) re-plan only what changed
+/// instead of comparing every entry; a Pod change is not a Service change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ViewChanges {
+    /// A reset replaced the view: anything may have changed.
+    pub all: bool,
+    pub services: std::collections::BTreeSet<(String, String)>,
+    pub pods: std::collections::BTreeSet<(String, String)>,
+}
+
+impl ViewChanges {
+    /// Note what `frame` changes.
+    pub fn record(&mut self, frame: &StreamFrame) {
+        match frame {
+            StreamFrame::Reset { .. } => self.all = true,
+            StreamFrame::Delta { changes, .. } => {
+                for c in changes {
+                    let (set, key) = match c {
+                        Change::Service { service } => (&mut self.services, service.key()),
+                        Change::ServiceRemoved { namespace, name } => {
+                            (&mut self.services, (namespace.clone(), name.clone()))
+                        }
+                        Change::Pod { pod } => (&mut self.pods, pod.key()),
+                        Change::PodRemoved { namespace, name } => {
+                            (&mut self.pods, (namespace.clone(), name.clone()))
+                        }
+                        Change::Node { .. } | Change::NodeRemoved { .. } => continue,
+                    };
+                    set.insert(key);
+                }
+            }
+            StreamFrame::Ping { .. } => {}
+        }
+    }
+
+    /// Add what `other` noted.
+    pub fn merge(&mut self, other: &ViewChanges) {
+        self.all |= other.all;
+        self.services.extend(other.services.iter().cloned());
+        self.pods.extend(other.pods.iter().cloned());
+    }
+
+    /// Nothing a consumer needs to look at.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty() && self.pods.is_empty()
+    }
+}
+
 /// Where a client keeps the entries of its view. [`apply`] owns the stream's
 /// rules (a Reset replaces everything; a Delta must follow a Reset and carry a
 /// newer revision); a store only says how entries are kept.
@@ -520,6 +570,47 @@ impl NodeView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn view_changes_note_services_and_pods_apart() {
+        let mut c = ViewChanges::default();
+        assert!(c.is_empty());
+        c.record(&StreamFrame::Delta {
+            rev: 2,
+            changes: vec![
+                Change::Service {
+                    service: svc("web", "198.19.0.20"),
+                },
+                Change::ServiceRemoved {
+                    namespace: "default".into(),
+                    name: "old".into(),
+                },
+                Change::PodRemoved {
+                    namespace: "default".into(),
+                    name: "web-0".into(),
+                },
+                Change::NodeRemoved { name: "n2".into() },
+            ],
+        });
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        assert!(!c.all);
+        assert_eq!(c.services, [key("old"), key("web")].into_iter().collect());
+        assert_eq!(c.pods, [key("web-0")].into_iter().collect());
+        let mut later = ViewChanges::default();
+        later.record(&StreamFrame::Delta {
+            rev: 3,
+            changes: vec![Change::NodeRemoved { name: "n3".into() }],
+        });
+        assert!(later.is_empty(), "a Node change is neither");
+        later.record(&StreamFrame::Reset {
+            rev: 4,
+            services: vec![],
+            nodes: vec![],
+            pods: vec![],
+        });
+        c.merge(&later);
+        assert!(c.all && c.services.len() == 2 && c.pods.len() == 1);
+    }
 
     fn svc(name: &str, ip: &str) -> ServiceEntry {
         ServiceEntry {

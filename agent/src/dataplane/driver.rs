@@ -106,7 +106,7 @@ pub async fn run<D: ServiceDataplane>(mut dp: D, cfg: DriverConfig, shared: Shar
             metrics.set_revision(v.rev);
             // Taken while the view is read-locked: a change applied later
             // is noted for the next round.
-            let plan = match service_changes.as_ref().map(crate::sync::ViewChanges::take) {
+            let plan = match service_changes.as_ref().map(crate::sync::take) {
                 Some(c) if !c.all => planner.update(&v, &cfg.plan, &c.services),
                 _ => planner.build(&v, &cfg.plan),
             };

@@ -17,8 +17,9 @@
 //! from the node, searching like a pod of `default` (or of `-n NS`).
 
 use anyhow::{bail, Context as _, Result};
-use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable as _, BinDecoder};
 use std::fmt;
 use std::io::{self, Read as _, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
@@ -97,14 +98,16 @@ impl Target {
             Target::Address(_) => RecordType::PTR,
         }
     }
+}
 
-    /// As typed, for messages.
-    pub fn display(&self) -> String {
+/// As typed.
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Name { text, absolute } => {
-                format!("{text}{}", if *absolute { "." } else { "" })
+                write!(f, "{text}{}", if *absolute { "." } else { "" })
             }
-            Target::Address(ip) => ip.to_string(),
+            Target::Address(ip) => write!(f, "{ip}"),
         }
     }
 }
@@ -262,19 +265,12 @@ pub fn parse_options(options: &[String]) -> (u8, bool) {
 /// The names a glibc resolver asks for `target`, in order.
 pub fn candidates(target: &Target, search: &[String], ndots: u8) -> Vec<Name> {
     let (text, absolute) = match target {
-        Target::Address(ip) => {
-            let mut n = Name::from(*ip);
-            n.set_fqdn(true);
-            return vec![n];
-        }
+        Target::Address(ip) => return vec![Name::from(*ip)],
         Target::Name { text, absolute } => (text, *absolute),
     };
-    let fqdn = |s: String| -> Option<Name> {
-        // Names over 253 bytes with their suffix are skipped, as glibc does.
-        let mut n = Name::from_ascii(&s).ok()?;
-        n.set_fqdn(true);
-        (s.len() <= 254).then_some(n)
-    };
+    // Names over 253 bytes with their suffix are skipped, as glibc does
+    // (hickory refuses them: over 255 bytes on the wire).
+    let fqdn = |s: String| Name::from_ascii(s).ok();
     let bare = fqdn(format!("{text}."));
     if absolute {
         return bare.into_iter().collect();
@@ -372,14 +368,20 @@ impl Exchange {
             server: self.server,
             why: format!("encoding the query: {e}"),
         })?;
-        let raw = self.udp(&wire, q.metadata.id, name, qtype)?;
-        if raw.len() > 2 && raw[2] & 0x02 != 0 {
-            let raw = self.tcp(&wire)?;
-            let mut r = self.decode(&raw, q.metadata.id, name, qtype)?;
-            r.tcp = true;
-            return Ok(r);
-        }
-        self.decode(&raw, q.metadata.id, name, qtype)
+        let id = q.metadata.id;
+        let (m, tcp) = match self.udp(&wire, id, name, qtype)? {
+            Some(m) => (m, false),
+            None => match self.receive(&self.tcp(&wire)?, id, name, qtype)? {
+                Received::Reply(m) => (m, true),
+                Received::Truncated => return Err(self.bad("truncated over TCP as well".into())),
+                Received::Stray(why) => return Err(self.bad(why)),
+            },
+        };
+        Ok(Reply {
+            rcode: m.metadata.response_code,
+            answers: m.answers,
+            tcp,
+        })
     }
 
     fn io(&self, what: &'static str) -> impl FnOnce(io::Error) -> ExchangeError + '_ {
@@ -395,15 +397,22 @@ impl Exchange {
         }
     }
 
+    fn bad(&self, why: String) -> ExchangeError {
+        ExchangeError::BadReply {
+            server: self.server,
+            why,
+        }
+    }
+
     /// The first datagram that answers this query (others are ignored, as
-    /// a resolver does).
+    /// a resolver does); `None` when it is truncated.
     fn udp(
         &self,
         wire: &[u8],
         id: u16,
         name: &Name,
         qtype: RecordType,
-    ) -> Result<Vec<u8>, ExchangeError> {
+    ) -> Result<Option<Message>, ExchangeError> {
         let bind: SocketAddr = if self.server.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -425,12 +434,11 @@ impl Exchange {
                 sock.set_read_timeout(Some(left))
                     .map_err(self.io("setting a timeout for"))?;
                 match sock.recv(&mut buf) {
-                    Ok(n) => {
-                        let raw = &buf[..n];
-                        if answers_query(raw, id, name, qtype) {
-                            return Ok(raw.to_vec());
-                        }
-                    }
+                    Ok(n) => match self.receive(&buf[..n], id, name, qtype)? {
+                        Received::Reply(m) => return Ok(Some(m)),
+                        Received::Truncated => return Ok(None),
+                        Received::Stray(_) => {}
+                    },
                     Err(e)
                         if matches!(
                             e.kind(),
@@ -472,58 +480,50 @@ impl Exchange {
         Ok(raw)
     }
 
-    fn decode(
+    /// What `raw` is to query `id` for `name`/`qtype`, decoded once; an
+    /// error when it is ours by id but does not parse.
+    fn receive(
         &self,
         raw: &[u8],
         id: u16,
         name: &Name,
         qtype: RecordType,
-    ) -> Result<Reply, ExchangeError> {
-        let bad = |why: String| ExchangeError::BadReply {
-            server: self.server,
-            why,
+    ) -> Result<Received, ExchangeError> {
+        let Ok(header) = Header::read(&mut BinDecoder::new(raw)) else {
+            return Ok(Received::Stray("shorter than a DNS header".into()));
         };
-        let m = Message::from_vec(raw).map_err(|e| bad(e.to_string()))?;
-        if m.metadata.id != id || m.metadata.message_type != MessageType::Response {
-            return Err(bad(format!(
+        if header.id != id || header.message_type != MessageType::Response {
+            return Ok(Received::Stray(format!(
                 "id {} is not a response to {id}",
-                m.metadata.id
+                header.id
             )));
         }
+        // A truncated reply may not parse past its header.
+        if header.truncation {
+            return Ok(Received::Truncated);
+        }
+        let m = Message::from_vec(raw).map_err(|e| self.bad(e.to_string()))?;
         if let Some(q) = m.queries.first() {
             if q.name() != name || q.query_type() != qtype {
-                return Err(bad(format!(
+                return Ok(Received::Stray(format!(
                     "answers {} {} instead",
                     q.name(),
                     q.query_type()
                 )));
             }
         }
-        Ok(Reply {
-            rcode: m.metadata.response_code,
-            answers: m.answers,
-            tcp: false,
-        })
+        Ok(Received::Reply(m))
     }
 }
 
-/// Whether a datagram is the response to our query (id, QR, question).
-fn answers_query(raw: &[u8], id: u16, name: &Name, qtype: RecordType) -> bool {
-    if raw.len() < 12 || u16::from_be_bytes([raw[0], raw[1]]) != id || raw[2] & 0x80 == 0 {
-        return false;
-    }
-    // A truncated reply may not parse past its header: take it for TCP.
-    if raw[2] & 0x02 != 0 {
-        return true;
-    }
-    match Message::from_vec(raw) {
-        Ok(m) => m
-            .queries
-            .first()
-            .is_none_or(|q| q.name() == name && q.query_type() == qtype),
-        // Ours by id; the caller reports why it does not parse.
-        Err(_) => true,
-    }
+/// A message received for a query.
+enum Received {
+    /// Not the response to it (another id, a query, another question): a
+    /// resolver ignores such a datagram; over TCP it is a bad reply.
+    Stray(String),
+    /// The response, truncated: ask again over TCP.
+    Truncated,
+    Reply(Message),
 }
 
 // ---- the walk ----
@@ -539,12 +539,8 @@ pub struct Step {
 /// How the walk ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Step `step` (0-based) had answers. `server_walked`: its first answer
-    /// is a CNAME to candidate `server_walked`, a later step's name.
-    Resolved {
-        step: usize,
-        server_walked: Option<usize>,
-    },
+    /// The last step had answers (the resolver stops at the first).
+    Resolved,
     /// NXDOMAIN (or no records of the type) at every step.
     NotFound,
     /// A server error or no reply stopped it, or SERVFAIL left it unresolved.
@@ -565,10 +561,31 @@ pub struct Walk {
 impl Walk {
     pub fn exit_code(&self) -> u8 {
         match self.verdict {
-            Verdict::Resolved { .. } => 0,
+            Verdict::Resolved => 0,
             Verdict::NotFound => 1,
             Verdict::Failed(_) => 2,
         }
+    }
+
+    /// When resolved with a CNAME from the last step's name to a later
+    /// candidate: that candidate, the server having walked the search path.
+    pub fn server_walked(&self) -> Option<usize> {
+        if self.verdict != Verdict::Resolved {
+            return None;
+        }
+        let last = self.steps.last()?;
+        let first = last.result.as_ref().ok()?.answers.first()?;
+        let RData::CNAME(target) = &first.data else {
+            return None;
+        };
+        if first.name != last.name {
+            return None;
+        }
+        let i = self.steps.len();
+        self.candidates[i..]
+            .iter()
+            .position(|c| *c == target.0)
+            .map(|j| i + j)
     }
 }
 
@@ -588,10 +605,7 @@ pub fn walk(
         let latency = t.elapsed();
         let stop = match &result {
             Ok(r) if r.rcode == ResponseCode::NoError && !r.answers.is_empty() => {
-                Some(Verdict::Resolved {
-                    step: i,
-                    server_walked: server_walk(&candidates, i, r),
-                })
+                Some(Verdict::Resolved)
             }
             Ok(r) if is_walk_on(r.rcode) => None,
             Ok(r) => Some(Verdict::Failed(format!(
@@ -645,24 +659,6 @@ fn is_walk_on(rcode: ResponseCode) -> bool {
         rcode,
         ResponseCode::NXDomain | ResponseCode::NoError | ResponseCode::ServFail
     )
-}
-
-/// The later candidate the server's CNAME points at, when step `i` was
-/// answered by walking the search path on the server.
-fn server_walk(candidates: &[Name], i: usize, r: &Reply) -> Option<usize> {
-    let first = r.answers.first()?;
-    let RData::CNAME(target) = &first.data else {
-        return None;
-    };
-    if first.name != candidates[i] {
-        return None;
-    }
-    candidates
-        .iter()
-        .enumerate()
-        .skip(i + 1)
-        .find(|(_, c)| **c == target.0)
-        .map(|(j, _)| j)
 }
 
 /// `NXDOMAIN`, as dig prints rcodes.
@@ -732,17 +728,10 @@ pub fn find_claim(dir: &Path, ns: &str, name: &str) -> Result<Option<PodClaim>> 
             found.push((claim, ip));
         }
     }
-    // The pod's main interface first, then a stable order.
-    found.sort_by(|a, b| {
-        (a.0.ifname != "eth0", a.0.netns.is_none(), &a.1).cmp(&(
-            b.0.ifname != "eth0",
-            b.0.netns.is_none(),
-            &b.1,
-        ))
-    });
+    // The pod's main interface first, then a claim with a namespace, then a stable order.
     Ok(found
         .into_iter()
-        .next()
+        .min_by_key(|(c, ip)| (c.ifname != "eth0", c.netns.is_none(), ip.clone()))
         .map(|(c, ip)| PodClaim { ip, netns: c.netns }))
 }
 
@@ -780,10 +769,6 @@ pub struct Report {
     pub walk: Walk,
     /// Things the reader should know (defaults used, fallbacks).
     pub notes: Vec<String>,
-}
-
-fn us(d: Duration) -> u128 {
-    d.as_micros()
 }
 
 /// One answer record: `owner → target  (CNAME, ttl N)` or `owner  TYPE  data  (ttl N)`.
@@ -826,7 +811,7 @@ pub fn render(rep: &Report) -> String {
     let mut out = String::new();
     let w = &rep.walk;
     let cfg = &rep.config;
-    let name = rep.target.display();
+    let name = &rep.target;
     match &rep.origin {
         Origin::Pod {
             namespace,
@@ -892,39 +877,37 @@ pub fn render(rep: &Report) -> String {
                     } else {
                         ""
                     },
-                    us(s.latency)
+                    s.latency.as_micros()
                 ));
                 for a in &r.answers {
                     out.push_str(&format!("    {}\n", render_record(a)));
                 }
             }
-            Err(e) => out.push_str(&format!("{head}  error: {e}  {}µs\n", us(s.latency))),
+            Err(e) => out.push_str(&format!(
+                "{head}  error: {e}  {}µs\n",
+                s.latency.as_micros()
+            )),
         }
-        if let Verdict::Resolved {
-            step,
-            server_walked: Some(j),
-        } = &w.verdict
-        {
-            if *step == i {
-                out.push_str(&format!(
-                    "    server walked the search path: a CNAME to step {}'s name {}\n",
-                    j + 1,
-                    w.candidates[*j]
-                ));
-            }
-        }
+    }
+    if let Some(j) = w.server_walked() {
+        out.push_str(&format!(
+            "    server walked the search path: a CNAME to step {}'s name {}\n",
+            j + 1,
+            w.candidates[j]
+        ));
     }
     out.push('\n');
     let asked = w.steps.len();
     match &w.verdict {
-        Verdict::Resolved { step, .. } => {
-            let s = &w.steps[*step];
-            let answers = s.result.as_ref().map(|r| &r.answers[..]).unwrap_or(&[]);
-            out.push_str(&format!(
-                "resolved at step {} of {total}: {}\n",
-                step + 1,
-                answer_chain(&s.name, answers)
-            ));
+        Verdict::Resolved => {
+            // The walk stopped at the step that answered: the last one.
+            if let Some(s) = w.steps.last() {
+                let answers = s.result.as_ref().map(|r| &r.answers[..]).unwrap_or(&[]);
+                out.push_str(&format!(
+                    "resolved at step {asked} of {total}: {}\n",
+                    answer_chain(&s.name, answers)
+                ));
+            }
         }
         Verdict::NotFound => {
             let nodata = w.steps.iter().any(|s| {
@@ -945,7 +928,7 @@ pub fn render(rep: &Report) -> String {
         }
         Verdict::Failed(why) => out.push_str(&format!("not resolved: {why}\n")),
     }
-    if asked < total && matches!(w.verdict, Verdict::Resolved { .. }) {
+    if asked < total && w.verdict == Verdict::Resolved {
         out.push_str(&format!(
             "({} later step{} not asked: the resolver stops at the first answer)\n",
             total - asked,
@@ -976,7 +959,7 @@ pub fn to_json(rep: &Report) -> serde_json::Value {
         } => serde_json::json!({"pod": format!("{namespace}/{name}"), "ip": ip, "netns": netns}),
         Origin::Node { namespace } => serde_json::json!({"node": true, "namespace": namespace}),
     };
-    let steps: Vec<serde_json::Value> = w
+    let mut steps: Vec<serde_json::Value> = w
         .steps
         .iter()
         .enumerate()
@@ -985,36 +968,30 @@ pub fn to_json(rep: &Report) -> serde_json::Value {
                 "step": i + 1,
                 "name": s.name.to_string(),
                 "type": w.qtype.to_string(),
-                "latencyMicros": us(s.latency) as u64,
+                "latencyMicros": s.latency.as_micros() as u64,
             });
             match &s.result {
                 Ok(r) => {
-                    v["rcode"] = r.rcode_json();
+                    v["rcode"] = rcode_name(r.rcode).into();
                     v["transport"] = if r.tcp { "tcp" } else { "udp" }.into();
                     v["answers"] = r.answers.iter().map(record_json).collect();
                 }
                 Err(e) => v["error"] = e.to_string().into(),
             }
-            if let Verdict::Resolved {
-                step,
-                server_walked: Some(j),
-            } = &w.verdict
-            {
-                if *step == i {
-                    v["serverWalked"] = serde_json::json!({
-                        "step": j + 1, "target": w.candidates[*j].to_string()});
-                }
-            }
             v
         })
         .collect();
+    if let (Some(j), Some(last)) = (w.server_walked(), steps.last_mut()) {
+        last["serverWalked"] =
+            serde_json::json!({"step": j + 1, "target": w.candidates[j].to_string()});
+    }
     let (status, detail) = match &w.verdict {
-        Verdict::Resolved { step, .. } => ("resolved", serde_json::json!(step + 1)),
+        Verdict::Resolved => ("resolved", serde_json::json!(w.steps.len())),
         Verdict::NotFound => ("notFound", serde_json::Value::Null),
         Verdict::Failed(why) => ("failed", serde_json::json!(why)),
     };
     let mut v = serde_json::json!({
-        "name": rep.target.display(),
+        "name": rep.target.to_string(),
         "type": w.qtype.to_string(),
         "from": from,
         "nameserver": rep.config.nameserver.to_string(),
@@ -1031,12 +1008,6 @@ pub fn to_json(rep: &Report) -> serde_json::Value {
         _ => {}
     }
     v
-}
-
-impl Reply {
-    fn rcode_json(&self) -> serde_json::Value {
-        rcode_name(self.rcode).into()
-    }
 }
 
 // ---- the command ----
@@ -1188,7 +1159,7 @@ pub fn resolve(
     if cands.is_empty() {
         bail!(
             "NAME {:?}: too long to ask with any suffix",
-            args.name.display()
+            args.name.to_string()
         );
     }
     let ex = Exchange {
@@ -1249,6 +1220,20 @@ mod tests {
             answers,
             tcp: false,
         })
+    }
+
+    /// The walk for `name` as a pod of `shop`, step N (from 1) answered
+    /// with `rcode(N)` and no records.
+    fn walk_rcodes(name: &str, qtype: RecordType, rcode: impl Fn(usize) -> ResponseCode) -> Walk {
+        let mut n = 0;
+        walk(
+            candidates(&target(name), &search("shop"), 5),
+            qtype,
+            |_, _| {
+                n += 1;
+                reply(rcode(n), vec![])
+            },
+        )
     }
 
     #[test]
@@ -1428,49 +1413,29 @@ mod tests {
             asked,
             ["web.shop.svc.cluster.local.", "web.svc.cluster.local."]
         );
-        assert_eq!(
-            w.verdict,
-            Verdict::Resolved {
-                step: 1,
-                server_walked: None
-            }
-        );
+        assert_eq!(w.verdict, Verdict::Resolved);
+        assert_eq!(w.steps.len(), 2);
+        assert_eq!(w.server_walked(), None);
         assert_eq!(w.exit_code(), 0);
 
         // NXDOMAIN, no data and SERVFAIL walk on; NXDOMAIN everywhere is 1.
-        let w = walk(
-            candidates(&target("nope"), &search("shop"), 5),
-            RecordType::A,
-            |_, _| reply(ResponseCode::NXDomain, vec![]),
-        );
+        let w = walk_rcodes("nope", RecordType::A, |_| ResponseCode::NXDomain);
         assert_eq!((w.steps.len(), w.exit_code()), (4, 1));
-        let mut i = 0;
-        let w = walk(
-            candidates(&target("nope"), &search("shop"), 5),
-            RecordType::A,
-            |_, _| {
-                i += 1;
-                reply(
-                    if i == 2 {
-                        ResponseCode::ServFail
-                    } else {
-                        ResponseCode::NoError
-                    },
-                    vec![],
-                )
-            },
-        );
+        assert_eq!(w.verdict, Verdict::NotFound);
+        let w = walk_rcodes("nope", RecordType::A, |n| {
+            if n == 2 {
+                ResponseCode::ServFail
+            } else {
+                ResponseCode::NoError
+            }
+        });
         assert_eq!(w.steps.len(), 4);
         assert_eq!(
             w.verdict,
             Verdict::Failed("SERVFAIL at step 2 (a temporary failure, not a missing name)".into())
         );
         // REFUSED or no reply stop the walk with 2.
-        let w = walk(
-            candidates(&target("x"), &search("shop"), 5),
-            RecordType::A,
-            |_, _| reply(ResponseCode::Refused, vec![]),
-        );
+        let w = walk_rcodes("x", RecordType::A, |_| ResponseCode::Refused);
         assert_eq!((w.steps.len(), w.exit_code()), (1, 2));
         let w = walk(
             candidates(&target("x"), &search("shop"), 5),
@@ -1506,10 +1471,6 @@ mod tests {
                 ],
             ),
         }];
-        let verdict = Verdict::Resolved {
-            step: 0,
-            server_walked: server_walk(&cands, 0, steps[0].result.as_ref().unwrap()),
-        };
         Report {
             target: target("web.other"),
             origin: Origin::Pod {
@@ -1528,7 +1489,7 @@ mod tests {
                 qtype: RecordType::A,
                 candidates: cands,
                 steps,
-                verdict,
+                verdict: Verdict::Resolved,
             },
             notes: vec![],
         }
@@ -1537,13 +1498,7 @@ mod tests {
     #[test]
     fn renders_a_server_side_walk() {
         let rep = recorded();
-        assert_eq!(
-            rep.walk.verdict,
-            Verdict::Resolved {
-                step: 0,
-                server_walked: Some(1)
-            }
-        );
+        assert_eq!(rep.walk.server_walked(), Some(1));
         assert_eq!(
             render(&rep),
             "\
@@ -1626,21 +1581,14 @@ resolved at step 1 of 4: web.other.shop.svc.cluster.local. → web.other.svc.clu
 
     #[test]
     fn renders_no_data_and_server_errors() {
-        let cands = candidates(&target("web"), &search("shop"), 5);
-        let mut i = 0;
-        let w = walk(cands, RecordType::AAAA, |_, _| {
-            i += 1;
-            reply(
-                if i == 1 {
-                    ResponseCode::NoError
-                } else {
-                    ResponseCode::NXDomain
-                },
-                vec![],
-            )
-        });
         let mut rep = recorded();
-        rep.walk = w;
+        rep.walk = walk_rcodes("web", RecordType::AAAA, |n| {
+            if n == 1 {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            }
+        });
         let text = render(&rep);
         assert!(
             text.contains("step 1/4  web.shop.svc.cluster.local.  AAAA  NOERROR (no records)  "),
@@ -1651,11 +1599,7 @@ resolved at step 1 of 4: web.other.shop.svc.cluster.local. → web.other.svc.clu
             "{text}"
         );
         assert_eq!(rep.walk.exit_code(), 1);
-        rep.walk = walk(
-            candidates(&target("web"), &search("shop"), 5),
-            RecordType::A,
-            |_, _| reply(ResponseCode::Refused, vec![]),
-        );
+        rep.walk = walk_rcodes("web", RecordType::A, |_| ResponseCode::Refused);
         let text = render(&rep);
         assert!(
             text.ends_with("not resolved: REFUSED at step 1 (the resolver stops there)\n"),
@@ -1704,10 +1648,16 @@ resolved at step 1 of 4: web.other.shop.svc.cluster.local. → web.other.svc.clu
             let mut buf = [0u8; 512];
             let (len, from) = udp.recv_from(&mut buf).unwrap();
             let req = Message::from_vec(&buf[..len]).unwrap();
-            // A stray datagram with another id first: ignored.
-            let mut stray = Message::from_vec(&answer(&req, true)).unwrap();
-            stray.metadata.id = req.metadata.id.wrapping_add(1);
-            udp.send_to(&stray.to_vec().unwrap(), from).unwrap();
+            // Strays first, ignored: a runt, and complete answers that
+            // would end the exchange over UDP if taken (another id,
+            // another question).
+            udp.send_to(&answer(&req, false)[..5], from).unwrap();
+            let mut other_id = Message::from_vec(&answer(&req, false)).unwrap();
+            other_id.metadata.id = req.metadata.id.wrapping_add(1);
+            udp.send_to(&other_id.to_vec().unwrap(), from).unwrap();
+            let mut other_name = Message::from_vec(&answer(&req, false)).unwrap();
+            other_name.queries = vec![Query::query(n("other.test."), RecordType::A)];
+            udp.send_to(&other_name.to_vec().unwrap(), from).unwrap();
             udp.send_to(&answer(&req, true), from).unwrap();
         });
         let t = std::thread::spawn(move || {
@@ -1777,6 +1727,12 @@ resolved at step 1 of 4: web.other.shop.svc.cluster.local. → web.other.svc.clu
         std::fs::write(
             ipam.join("198.18.128.13"),
             "cid2\neth0\npodNamespace=shop\npodName=bare\n",
+        )
+        .unwrap();
+        // The same pod's second interface, at a lower address: not chosen.
+        std::fs::write(
+            ipam.join("198.18.128.11"),
+            "cid1\nnet1\nnetns=/run/netns/p1\npodNamespace=shop\npodName=client\n",
         )
         .unwrap();
         std::fs::write(ipam.join("lock"), "").unwrap();

@@ -95,12 +95,11 @@ fn netctl_dns_walks_the_search_path_as_the_pod() -> Result<()> {
     let from = format!("{NS}/client");
 
     // `web` from the client: its own namespace's Service, at the first step.
-    let (v, code) = eventually("netctl dns web --from the client", WAIT, || {
+    let v = eventually("netctl dns web --from the client", WAIT, || {
         let (v, code) = report(&c, 1, &["web", "--from", &from])?;
         ensure!(code == 0, "exit {code}: {v:#}");
-        Ok((v, code))
+        Ok(v)
     })?;
-    ensure!(code == 0);
     ensure!(v["from"]["pod"] == from.as_str(), "{v:#}");
     ensure!(v["from"]["ip"] == client.ip.to_string(), "{v:#}");
     ensure!(v["nameserver"] == format!("{CLUSTER_DNS}:53"), "{v:#}");
@@ -130,15 +129,14 @@ fn netctl_dns_walks_the_search_path_as_the_pod() -> Result<()> {
     // `web.<other>` from the client: the server knows the pod, walks the
     // search path itself and answers step 1 with a CNAME to step 2's name.
     let walked = format!("web.{OTHER}.svc.cluster.local.");
-    let (v, code) = eventually("netctl dns web.<other ns> --from the client", WAIT, || {
+    let v = eventually("netctl dns web.<other ns> --from the client", WAIT, || {
         let (v, code) = report(&c, 1, &[&format!("web.{OTHER}"), "--from", &from])?;
         ensure!(
             code == 0 && v["steps"][0].get("serverWalked").is_some(),
             "exit {code}: {v:#}"
         );
-        Ok((v, code))
+        Ok(v)
     })?;
-    ensure!(code == 0);
     ensure!(v["steps"].as_array().map(Vec::len) == Some(1), "{v:#}");
     ensure!(
         step_names(&v) == [format!("web.{OTHER}.{NS}.svc.cluster.local.")],

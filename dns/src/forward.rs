@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +28,7 @@ use hickory_proto::ProtoError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::broadcast;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 use tracing::debug;
 
 /// The EDNS payload size advertised upstream (DNS flag day 2020: fits an
@@ -159,9 +160,10 @@ struct Counters {
     stale_served: AtomicU64,
 }
 
-/// Cache key: the question (name lowercased) and the two request bits that
-/// change what an upstream returns (DNSSEC records with DO, unvalidated
-/// data with CD).
+/// Cache key: the question and the two request bits that change what an
+/// upstream returns (DNSSEC records with DO, unvalidated data with CD).
+/// `Name`'s `Eq` and `Hash` ignore ASCII case, so differently cased
+/// questions share an entry without lowercasing the name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     name: Name,
@@ -174,7 +176,7 @@ struct CacheKey {
 impl CacheKey {
     fn new(query: &Query, dnssec_ok: bool, checking_disabled: bool) -> Self {
         Self {
-            name: query.name.to_lowercase(),
+            name: query.name.clone(),
             record_type: query.query_type,
             class: query.query_class,
             dnssec_ok,
@@ -205,16 +207,11 @@ impl Cached {
             (msg.answers, msg.authorities, msg.additionals);
         let max_ttl = cfg.max_ttl;
         let min_ttl = cfg.min_ttl.min(max_ttl);
-        let ttl = match rcode {
+        // The entry's TTL and the bounds every record's TTL is clamped to.
+        let (ttl, floor, cap) = match rcode {
             ResponseCode::NoError if !answers.is_empty() => {
-                for r in answers
-                    .iter_mut()
-                    .chain(&mut authorities)
-                    .chain(&mut additionals)
-                {
-                    r.ttl = r.ttl.clamp(min_ttl, max_ttl);
-                }
-                answers.iter().map(|r| r.ttl).min().unwrap_or(0)
+                let shortest = answers.iter().map(|r| r.ttl).min().unwrap_or(0);
+                (shortest.clamp(min_ttl, max_ttl), min_ttl, max_ttl)
             }
             // NXDOMAIN or NODATA: RFC 2308 §5, the lesser of the SOA's TTL
             // and its MINIMUM; without an SOA, not cached.
@@ -227,19 +224,18 @@ impl Cached {
                     })
                     .min()
                     .map(|t| t.min(cfg.negative_ttl_max).min(max_ttl));
-                let ttl = negative.unwrap_or(0);
-                let cap = negative.unwrap_or(max_ttl);
-                for r in answers
-                    .iter_mut()
-                    .chain(&mut authorities)
-                    .chain(&mut additionals)
-                {
-                    r.ttl = r.ttl.min(cap);
-                }
-                ttl
+                (negative.unwrap_or(0), 0, negative.unwrap_or(max_ttl))
             }
-            _ => 0,
+            // Not cached, and passed on as received.
+            _ => (0, 0, u32::MAX),
         };
+        for r in answers
+            .iter_mut()
+            .chain(&mut authorities)
+            .chain(&mut additionals)
+        {
+            r.ttl = r.ttl.clamp(floor, cap);
+        }
         Self {
             rcode,
             authentic_data,
@@ -272,8 +268,11 @@ enum Ttls {
     Stale(u32),
 }
 
+/// A cache entry that may answer: `(entry, stale)`, see [`Cache::lookup`].
+type Hit = (Arc<Cached>, bool);
+
 enum Role<'a> {
-    Cached(Message),
+    Cached(Hit),
     Follower(broadcast::Receiver<Outcome>),
     Leader(Leader<'a>),
 }
@@ -283,14 +282,14 @@ enum Role<'a> {
 /// see the channel close and one of them takes over.
 struct Leader<'a> {
     inflight: &'a Mutex<HashMap<CacheKey, broadcast::Sender<Outcome>>>,
-    key: CacheKey,
+    key: &'a CacheKey,
     finished: bool,
 }
 
 impl Leader<'_> {
     fn finish(mut self, outcome: Outcome) {
         self.finished = true;
-        let sender = lock(self.inflight).remove(&self.key);
+        let sender = lock(self.inflight).remove(self.key);
         if let Some(sender) = sender {
             // No receivers is fine: nobody else asked.
             let _ = sender.send(outcome);
@@ -301,7 +300,7 @@ impl Leader<'_> {
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            lock(self.inflight).remove(&self.key);
+            lock(self.inflight).remove(self.key);
         }
     }
 }
@@ -357,10 +356,10 @@ impl Forwarder {
     pub async fn forward(&self, request: &Message) -> Message {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let Some(query) = request.queries.first() else {
-            return error_response(request, ResponseCode::FormErr);
+            return empty_response(request, ResponseCode::FormErr);
         };
         if request.metadata.op_code != OpCode::Query {
-            return error_response(request, ResponseCode::NotImp);
+            return empty_response(request, ResponseCode::NotImp);
         }
         let key = CacheKey::new(
             query,
@@ -369,28 +368,33 @@ impl Forwarder {
         );
         loop {
             let now = self.now();
-            if let Some(response) = self.answer_from_cache(request, &key, now) {
-                return response;
+            let hit = lock(&self.cache).lookup(&key, now);
+            if let Some(hit) = hit {
+                return self.answer_from_cache(request, hit, now);
             }
             let role = {
                 let mut inflight = lock(&self.inflight);
                 if let Some(sender) = inflight.get(&key) {
                     Role::Follower(sender.subscribe())
-                } else if let Some(response) = self.answer_from_cache(request, &key, now) {
-                    // Filled between the first look and taking the lock.
-                    Role::Cached(response)
                 } else {
-                    let (sender, _) = broadcast::channel(1);
-                    inflight.insert(key.clone(), sender);
-                    Role::Leader(Leader {
-                        inflight: &self.inflight,
-                        key: key.clone(),
-                        finished: false,
-                    })
+                    // Filled between the first look and taking the lock?
+                    let hit = lock(&self.cache).lookup(&key, now);
+                    match hit {
+                        Some(hit) => Role::Cached(hit),
+                        None => {
+                            let (sender, _) = broadcast::channel(1);
+                            inflight.insert(key.clone(), sender);
+                            Role::Leader(Leader {
+                                inflight: &self.inflight,
+                                key: &key,
+                                finished: false,
+                            })
+                        }
+                    }
                 }
             };
             let outcome = match role {
-                Role::Cached(response) => return response,
+                Role::Cached(hit) => return self.answer_from_cache(request, hit, now),
                 Role::Follower(mut receiver) => {
                     self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
                     match receiver.recv().await {
@@ -409,24 +413,22 @@ impl Forwarder {
         }
     }
 
-    /// A fresh cache entry, or a stale one while the key is in its failure
-    /// hold-down (RFC 8767's failure recheck timer, here `stale_ttl`): during
-    /// an outage a client gets the stale answer at once instead of after
-    /// every upstream timed out again.
-    fn answer_from_cache(
-        &self,
-        request: &Message,
-        key: &CacheKey,
-        now: Instant,
-    ) -> Option<Message> {
-        let (entry, stale) = lock(&self.cache).lookup(key, now)?;
-        Some(if stale {
-            self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-            respond(request, &entry, Ttls::Stale(self.cfg.stale_ttl))
-        } else {
-            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-            respond(request, &entry, Ttls::Elapsed(elapsed_secs(&entry, now)))
-        })
+    /// The response from a fresh cache entry, or from a stale one while the
+    /// key is in its failure hold-down (RFC 8767's failure recheck timer,
+    /// here `stale_ttl`): during an outage a client gets the stale answer at
+    /// once instead of after every upstream timed out again. Built outside
+    /// the locks.
+    fn answer_from_cache(&self, request: &Message, (entry, stale): Hit, now: Instant) -> Message {
+        if stale {
+            return self.serve_stale(request, &entry);
+        }
+        self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+        respond(request, &entry, Ttls::Elapsed(elapsed_secs(&entry, now)))
+    }
+
+    fn serve_stale(&self, request: &Message, entry: &Cached) -> Message {
+        self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+        respond(request, entry, Ttls::Stale(self.cfg.stale_ttl))
     }
 
     fn respond_outcome(&self, request: &Message, key: &CacheKey, outcome: Outcome) -> Message {
@@ -439,11 +441,8 @@ impl Forwarder {
                 let hold = Duration::from_secs(self.cfg.stale_ttl.into());
                 let stale = lock(&self.cache).stale(key, now, hold);
                 match stale {
-                    Some(stale) => {
-                        self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
-                        respond(request, &stale, Ttls::Stale(self.cfg.stale_ttl))
-                    }
-                    None => error_response(request, ResponseCode::ServFail),
+                    Some(stale) => self.serve_stale(request, &stale),
+                    None => empty_response(request, ResponseCode::ServFail),
                 }
             }
         }
@@ -451,30 +450,36 @@ impl Forwarder {
 
     /// The leader's upstream query; caches what is cacheable.
     async fn resolve(&self, key: &CacheKey, query: &Query) -> Outcome {
-        let Some(response) = self
-            .ask_upstreams(query, key.dnssec_ok, key.checking_disabled)
-            .await
-        else {
+        let Some(response) = self.ask_upstreams(key, query).await else {
             return Outcome::Failed;
         };
         let now = self.now();
         let answer = Arc::new(Cached::from_upstream(response, &self.cfg, now));
         if answer.ttl > 0 {
-            lock(&self.cache).insert(key.clone(), answer.clone(), now);
+            lock(&self.cache).insert(key.clone(), answer.clone());
         }
         Outcome::Answer(answer)
     }
 
-    async fn ask_upstreams(&self, query: &Query, dnssec_ok: bool, cd: bool) -> Option<Message> {
+    async fn ask_upstreams(&self, key: &CacheKey, query: &Query) -> Option<Message> {
         let upstreams = &self.cfg.upstreams;
         if upstreams.is_empty() {
             return None;
         }
+        // Encoded once; every exchange sends it under its own random id.
+        let wire = match upstream_query(query, key.dnssec_ok, key.checking_disabled) {
+            Ok(wire) => wire,
+            Err(err) => {
+                debug!(name = %query.name, qtype = %query.query_type, error = %err,
+                    "cannot forward");
+                return None;
+            }
+        };
         // Rotate the first upstream tried to spread the load.
         let start = self.next_upstream.fetch_add(1, Ordering::Relaxed) % upstreams.len();
         for _round in 0..self.cfg.attempts.max(1) {
             for upstream in upstreams[start..].iter().chain(&upstreams[..start]) {
-                match self.exchange(*upstream, query, dnssec_ok, cd).await {
+                match self.exchange(*upstream, query, &wire).await {
                     Ok(response) => return Some(response),
                     Err(err) => {
                         self.counters
@@ -493,12 +498,15 @@ impl Forwarder {
         &self,
         upstream: SocketAddr,
         query: &Query,
-        dnssec_ok: bool,
-        cd: bool,
+        wire: &[u8],
     ) -> Result<Message, ForwardError> {
-        let mut response = self.exchange_udp(upstream, query, dnssec_ok, cd).await?;
+        let mut response = self
+            .within(upstream, exchange_udp(upstream, query, wire))
+            .await?;
         if response.metadata.truncation {
-            response = self.exchange_tcp(upstream, query, dnssec_ok, cd).await?;
+            response = self
+                .within(upstream, exchange_tcp(upstream, query, wire))
+                .await?;
             if response.metadata.truncation {
                 return Err(ForwardError::Truncated { upstream });
             }
@@ -512,107 +520,16 @@ impl Forwarder {
         }
     }
 
-    async fn exchange_udp(
+    /// `exchange` bounded by the configured timeout.
+    async fn within(
         &self,
         upstream: SocketAddr,
-        query: &Query,
-        dnssec_ok: bool,
-        cd: bool,
+        exchange: impl Future<Output = Result<Message, ForwardError>>,
     ) -> Result<Message, ForwardError> {
-        let io_err = |op: &'static str| {
-            move |source: io::Error| ForwardError::Io {
-                upstream,
-                op,
-                source,
-            }
-        };
-        let id: u16 = rand::random();
-        let bytes = upstream_query(id, query, dnssec_ok, cd)?;
-        let deadline = Instant::now() + self.cfg.timeout;
-        // A fresh socket per query: the kernel picks a random source port,
-        // so an off-path spoofer has to guess port and id.
-        let bind: SocketAddr = match upstream {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(bind)
+        let timeout = self.cfg.timeout;
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(io_err("binding a UDP socket for"))?;
-        // Connected: the kernel drops datagrams from other sources and an
-        // ICMP unreachable fails the exchange at once instead of timing out.
-        socket
-            .connect(upstream)
-            .await
-            .map_err(io_err("connecting to"))?;
-        socket.send(&bytes).await.map_err(io_err("sending to"))?;
-        let mut buf = vec![0u8; usize::from(u16::MAX)];
-        loop {
-            let (len, from) = match timeout_at(deadline, socket.recv_from(&mut buf)).await {
-                Err(_) => {
-                    return Err(ForwardError::Timeout {
-                        upstream,
-                        timeout: self.cfg.timeout,
-                    })
-                }
-                Ok(result) => result.map_err(io_err("receiving from"))?,
-            };
-            if from.ip() != upstream.ip() || from.port() != upstream.port() {
-                debug!(%upstream, %from, "ignoring a datagram from another source");
-                continue;
-            }
-            let Some(datagram) = buf.get(..len) else {
-                continue;
-            };
-            match Message::from_vec(datagram) {
-                Ok(msg) if answers(&msg, id, query) => return Ok(msg),
-                Ok(msg) => debug!(%upstream, id = msg.metadata.id, expected = id,
-                    "ignoring an answer that does not match the query"),
-                Err(err) => debug!(%upstream, error = %err, "ignoring an undecodable datagram"),
-            }
-        }
-    }
-
-    async fn exchange_tcp(
-        &self,
-        upstream: SocketAddr,
-        query: &Query,
-        dnssec_ok: bool,
-        cd: bool,
-    ) -> Result<Message, ForwardError> {
-        let id: u16 = rand::random();
-        let bytes = upstream_query(id, query, dnssec_ok, cd)?;
-        // A query is one question and an OPT: always far below 64 KiB.
-        let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
-        let mut framed = Vec::with_capacity(bytes.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&bytes);
-        let exchange = async {
-            let mut stream = TcpStream::connect(upstream).await?;
-            stream.write_all(&framed).await?;
-            let mut len = [0u8; 2];
-            stream.read_exact(&mut len).await?;
-            let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            stream.read_exact(&mut body).await?;
-            Ok::<_, io::Error>(body)
-        };
-        let deadline = Instant::now() + self.cfg.timeout;
-        let body = timeout_at(deadline, exchange)
-            .await
-            .map_err(|_| ForwardError::Timeout {
-                upstream,
-                timeout: self.cfg.timeout,
-            })?
-            .map_err(|source| ForwardError::Io {
-                upstream,
-                op: "TCP exchange with",
-                source,
-            })?;
-        let msg =
-            Message::from_vec(&body).map_err(|source| ForwardError::Decode { upstream, source })?;
-        if !answers(&msg, id, query) {
-            return Err(ForwardError::Mismatch { upstream });
-        }
-        Ok(msg)
+            .unwrap_or(Err(ForwardError::Timeout { upstream, timeout }))
     }
 
     fn now(&self) -> Instant {
@@ -638,15 +555,11 @@ fn elapsed_secs(answer: &Cached, now: Instant) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
-/// The query sent upstream: the client's question, RD, the client's CD and
-/// DO, EDNS payload 1232, AD set to ask for the AD bit back (RFC 6840 §5.7).
-fn upstream_query(
-    id: u16,
-    query: &Query,
-    dnssec_ok: bool,
-    cd: bool,
-) -> Result<Vec<u8>, ForwardError> {
-    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+/// The query sent upstream, id 0 (see [`with_random_id`]): the client's
+/// question, RD, the client's CD and DO, EDNS payload 1232, AD set to ask for
+/// the AD bit back (RFC 6840 §5.7).
+fn upstream_query(query: &Query, dnssec_ok: bool, cd: bool) -> Result<Vec<u8>, ForwardError> {
+    let mut msg = Message::new(0, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
     msg.metadata.checking_disabled = cd;
     msg.metadata.authentic_data = true;
@@ -661,6 +574,92 @@ fn upstream_query(
     })
 }
 
+/// The encoded query under a fresh random id (the header's first two bytes).
+fn with_random_id(wire: &[u8]) -> (u16, Vec<u8>) {
+    let id: u16 = rand::random();
+    let mut bytes = wire.to_vec();
+    bytes[..2].copy_from_slice(&id.to_be_bytes());
+    (id, bytes)
+}
+
+/// One UDP exchange from a fresh socket: the kernel picks a random source
+/// port, so an off-path spoofer has to guess port and id.
+async fn exchange_udp(
+    upstream: SocketAddr,
+    query: &Query,
+    wire: &[u8],
+) -> Result<Message, ForwardError> {
+    let io_err = |op: &'static str| {
+        move |source: io::Error| ForwardError::Io {
+            upstream,
+            op,
+            source,
+        }
+    };
+    let (id, bytes) = with_random_id(wire);
+    let bind: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(bind)
+        .await
+        .map_err(io_err("binding a UDP socket for"))?;
+    // Connected: the kernel drops datagrams from other sources and an ICMP
+    // unreachable fails the exchange at once instead of timing out.
+    socket
+        .connect(upstream)
+        .await
+        .map_err(io_err("connecting to"))?;
+    socket.send(&bytes).await.map_err(io_err("sending to"))?;
+    let mut buf = vec![0u8; usize::from(u16::MAX)];
+    loop {
+        let len = socket
+            .recv(&mut buf)
+            .await
+            .map_err(io_err("receiving from"))?;
+        match Message::from_vec(&buf[..len]) {
+            Ok(msg) if answers(&msg, id, query) => return Ok(msg),
+            Ok(msg) => debug!(%upstream, id = msg.metadata.id, expected = id,
+                "ignoring an answer that does not match the query"),
+            Err(err) => debug!(%upstream, error = %err, "ignoring an undecodable datagram"),
+        }
+    }
+}
+
+/// One TCP exchange (RFC 1035 §4.2.2 framing), after a truncated UDP answer.
+async fn exchange_tcp(
+    upstream: SocketAddr,
+    query: &Query,
+    wire: &[u8],
+) -> Result<Message, ForwardError> {
+    let (id, bytes) = with_random_id(wire);
+    // A query is one question and an OPT: always far below 64 KiB.
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    let mut framed = Vec::with_capacity(bytes.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(&bytes);
+    let exchange = async {
+        let mut stream = TcpStream::connect(upstream).await?;
+        stream.write_all(&framed).await?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut body).await?;
+        Ok::<_, io::Error>(body)
+    };
+    let body = exchange.await.map_err(|source| ForwardError::Io {
+        upstream,
+        op: "TCP exchange with",
+        source,
+    })?;
+    let msg =
+        Message::from_vec(&body).map_err(|source| ForwardError::Decode { upstream, source })?;
+    if !answers(&msg, id, query) {
+        return Err(ForwardError::Mismatch { upstream });
+    }
+    Ok(msg)
+}
+
 /// Whether `msg` is the answer to our query `id` for `query` (name compared
 /// case-insensitively).
 fn answers(msg: &Message, id: u16, query: &Query) -> bool {
@@ -672,8 +671,8 @@ fn answers(msg: &Message, id: u16, query: &Query) -> bool {
 }
 
 /// The response skeleton for a client: its id, opcode and question, RD and
-/// CD copied, RA set.
-fn error_response(request: &Message, rcode: ResponseCode) -> Message {
+/// CD copied, RA set, no records.
+fn empty_response(request: &Message, rcode: ResponseCode) -> Message {
     let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
     resp.metadata.recursion_desired = request.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
@@ -684,7 +683,7 @@ fn error_response(request: &Message, rcode: ResponseCode) -> Message {
 }
 
 fn respond(request: &Message, answer: &Cached, ttls: Ttls) -> Message {
-    let mut resp = error_response(request, answer.rcode);
+    let mut resp = empty_response(request, answer.rcode);
     // AD only for clients that show they understand it (RFC 6840 §5.8).
     resp.metadata.authentic_data =
         answer.authentic_data && (dnssec_ok(request) || request.metadata.authentic_data);
@@ -738,18 +737,18 @@ impl Cache {
     /// A fresh entry `(entry, false)`, or a stale one in its failure
     /// hold-down `(entry, true)`. An entry past its serve-stale window is
     /// removed.
-    fn lookup(&mut self, key: &CacheKey, now: Instant) -> Option<(Arc<Cached>, bool)> {
+    fn lookup(&mut self, key: &CacheKey, now: Instant) -> Option<Hit> {
         let slot = self.map.get(key)?;
-        let entry = slot.entry.clone();
-        if now < entry.fresh_until() {
-            return Some((entry, false));
+        let fresh_until = slot.entry.fresh_until();
+        if now < fresh_until {
+            return Some((slot.entry.clone(), false));
         }
-        if now >= entry.fresh_until() + self.serve_stale_for {
+        if now >= fresh_until + self.serve_stale_for {
             self.remove(key);
             return None;
         }
         match slot.recheck_after {
-            Some(until) if now < until => Some((entry, true)),
+            Some(until) if now < until => Some((slot.entry.clone(), true)),
             _ => None,
         }
     }
@@ -766,7 +765,7 @@ impl Cache {
         None
     }
 
-    fn insert(&mut self, key: CacheKey, entry: Arc<Cached>, now: Instant) {
+    fn insert(&mut self, key: CacheKey, entry: Arc<Cached>) {
         if self.capacity == 0 {
             return;
         }
@@ -776,7 +775,7 @@ impl Cache {
             return;
         }
         while self.map.len() >= self.capacity {
-            if !self.evict_one(now) {
+            if !self.evict_one() {
                 break;
             }
         }
@@ -794,44 +793,46 @@ impl Cache {
 
     /// Drops the entry whose freshness ended first among a few random ones
     /// (all of them in a small cache): expired entries go before live ones.
-    fn evict_one(&mut self, now: Instant) -> bool {
+    fn evict_one(&mut self) -> bool {
         let n = self.keys.len();
-        if n == 0 {
-            return false;
+        let fresh_until = |i: usize| {
+            let slot = self.keys.get(i).and_then(|k| self.map.get(k))?;
+            Some(slot.entry.fresh_until())
+        };
+        let victim = (0..n.min(EVICTION_SAMPLES))
+            .map(|j| {
+                if n <= EVICTION_SAMPLES {
+                    j
+                } else {
+                    rand::random_range(0..n)
+                }
+            })
+            .min_by_key(|&i| fresh_until(i));
+        match victim {
+            Some(index) => {
+                self.remove_at(index);
+                true
+            }
+            None => false,
         }
-        let until = |i: usize| {
-            self.keys
-                .get(i)
-                .and_then(|k| self.map.get(k))
-                .map_or(now, |s| s.entry.fresh_until())
-        };
-        let candidates: Vec<usize> = if n <= EVICTION_SAMPLES {
-            (0..n).collect()
-        } else {
-            (0..EVICTION_SAMPLES)
-                .map(|_| rand::random_range(0..n))
-                .collect()
-        };
-        let Some(victim) = candidates.into_iter().min_by_key(|&i| until(i)) else {
-            return false;
-        };
-        let Some(key) = self.keys.get(victim).cloned() else {
-            return false;
-        };
-        self.remove(&key);
-        true
     }
 
     fn remove(&mut self, key: &CacheKey) {
-        let Some(slot) = self.map.remove(key) else {
+        if let Some(index) = self.map.get(key).map(|slot| slot.index) {
+            self.remove_at(index);
+        }
+    }
+
+    /// Removes the entry of `keys[index]`; the last key takes its place.
+    fn remove_at(&mut self, index: usize) {
+        if index >= self.keys.len() {
             return;
-        };
-        if slot.index < self.keys.len() {
-            self.keys.swap_remove(slot.index);
-            if let Some(moved) = self.keys.get(slot.index) {
-                if let Some(s) = self.map.get_mut(moved) {
-                    s.index = slot.index;
-                }
+        }
+        let key = self.keys.swap_remove(index);
+        self.map.remove(&key);
+        if let Some(moved) = self.keys.get(index) {
+            if let Some(slot) = self.map.get_mut(moved) {
+                slot.index = index;
             }
         }
     }
@@ -1344,11 +1345,18 @@ mod tests {
         })
         .await;
         let fwd = Forwarder::new(cfg(&[up.addr]));
-        let resp = fwd.forward(&a_request(5, "big.example.com.")).await;
+        let req = a_request(5, "big.example.com.");
+        let resp = fwd.forward(&req).await;
         assert_eq!((up.udp(), up.tcp()), (1, 1));
         assert!(!resp.metadata.truncation);
         assert_eq!(resp.answers.len(), 60);
-        assert_ne!(up.seen()[0].metadata.id, 0, "sanity");
+        let sent = up.seen();
+        assert_ne!(sent[0].metadata.id, 0, "sanity");
+        assert_eq!(sent[1].queries, req.queries, "the same question over TCP");
+        assert_eq!(
+            sent[1].edns.as_ref().map(Edns::max_payload),
+            Some(UPSTREAM_EDNS_PAYLOAD)
+        );
     }
 
     #[tokio::test]
@@ -1617,15 +1625,15 @@ mod tests {
     fn eviction_takes_expired_entries_first() {
         let t0 = Instant::now();
         let mut cache = Cache::new(4, Duration::from_secs(3600));
-        cache.insert(key("a."), entry(t0, 100), t0);
-        cache.insert(key("b."), entry(t0, 1), t0);
-        cache.insert(key("c."), entry(t0, 100), t0);
-        cache.insert(key("d."), entry(t0, 50), t0);
+        cache.insert(key("a."), entry(t0, 100));
+        cache.insert(key("b."), entry(t0, 1));
+        cache.insert(key("c."), entry(t0, 100));
+        cache.insert(key("d."), entry(t0, 50));
         let later = t0 + Duration::from_secs(10);
-        cache.insert(key("e."), entry(later, 100), later);
+        cache.insert(key("e."), entry(later, 100));
         assert_eq!(cache.len(), 4);
         assert!(!present(&cache, "b."), "the expired entry went first");
-        cache.insert(key("f."), entry(later, 100), later);
+        cache.insert(key("f."), entry(later, 100));
         assert!(!present(&cache, "d."), "then the one expiring soonest");
         for k in ["a.", "c.", "e.", "f."] {
             assert!(is_fresh(&mut cache, k, later), "{k}");
@@ -1638,7 +1646,7 @@ mod tests {
         let t0 = Instant::now();
         let mut cache = Cache::new(100, Duration::from_secs(60));
         for i in 0..1000u32 {
-            cache.insert(key(&format!("n{i}.")), entry(t0, i % 7), t0);
+            cache.insert(key(&format!("n{i}.")), entry(t0, i % 7));
             assert!(cache.len() <= 100);
         }
         assert_index_consistent(&cache);
@@ -1650,7 +1658,7 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let hold = Duration::from_secs(5);
         let mut cache = Cache::new(10, Duration::from_secs(60));
-        cache.insert(key("x."), entry(t0, 10), t0);
+        cache.insert(key("x."), entry(t0, 10));
         assert!(is_fresh(&mut cache, "X.", at(9)), "case-insensitive");
         assert!(
             cache.lookup(&key("x."), at(10)).is_none(),
@@ -1665,7 +1673,7 @@ mod tests {
         );
         // A new answer ends the hold-down.
         cache.stale(&key("x."), at(30), hold);
-        cache.insert(key("x."), entry(at(31), 10), at(31));
+        cache.insert(key("x."), entry(at(31), 10));
         assert!(is_fresh(&mut cache, "x.", at(32)));
         assert!(cache.lookup(&key("x."), at(42)).is_none());
         // Past the serve-stale window the entry is dropped when seen.

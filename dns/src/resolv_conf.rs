@@ -5,9 +5,10 @@
 //! 127.0.0.53, a local dnsmasq) or to its own listening address would loop,
 //! so those are rejected, and every rejection says why for the operator.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 
 /// What a resolv.conf says that the forwarder needs.
@@ -51,7 +52,7 @@ pub fn parse(text: &str) -> ResolvConf {
 /// Like [`parse`], also rejecting the server's own addresses (the cluster
 /// DNS service address and the listening addresses).
 pub fn parse_excluding(text: &str, own: &[IpAddr]) -> ResolvConf {
-    parse_with(text, own, &sysfs_ifindex)
+    parse_with(text, own, &if_nametoindex)
 }
 
 /// Reads and parses a resolv.conf (usually /etc/resolv.conf).
@@ -72,17 +73,13 @@ pub fn load_excluding(
     Ok(parse_excluding(&text, own))
 }
 
-/// The interface index of a scope name, from sysfs (no libc needed). Names
-/// with path characters never reach the filesystem.
-fn sysfs_ifindex(name: &str) -> Option<u32> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', '\0']) || name.starts_with('.') {
-        return None;
-    }
-    fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The interface index of a scope name in this network namespace, as
+/// glibc resolves `%eth0` (the kernel validates the name).
+fn if_nametoindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name; nothing is kept past the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 fn parse_with(text: &str, own: &[IpAddr], ifindex: &dyn Fn(&str) -> Option<u32>) -> ResolvConf {
@@ -102,11 +99,8 @@ fn parse_with(text: &str, own: &[IpAddr], ifindex: &dyn Fn(&str) -> Option<u32>)
                 }
             }
             "search" | "domain" => {
-                let list: Vec<String> = if keyword == "domain" {
-                    words.take(1).map(str::to_owned).collect()
-                } else {
-                    words.map(str::to_owned).collect()
-                };
+                let most = if keyword == "domain" { 1 } else { usize::MAX };
+                let list: Vec<String> = words.take(most).map(str::to_owned).collect();
                 if !list.is_empty() {
                     rc.search = list;
                 }
@@ -150,7 +144,7 @@ fn nameserver(
         return;
     }
     let addr = match (ip, scope) {
-        (IpAddr::V6(v6), Some(scope)) if is_link_local(v6) => {
+        (IpAddr::V6(v6), Some(scope)) if v6.is_unicast_link_local() => {
             let index = scope.parse::<u32>().ok().or_else(|| ifindex(scope));
             match index {
                 Some(index) if index != 0 => SocketAddr::V6(SocketAddrV6::new(v6, 53, 0, index)),
@@ -160,7 +154,7 @@ fn nameserver(
                 }
             }
         }
-        (IpAddr::V6(v6), None) if is_link_local(v6) => {
+        (IpAddr::V6(v6), None) if v6.is_unicast_link_local() => {
             rc.rejected.push((ip, REASON_NO_SCOPE));
             return;
         }
@@ -173,10 +167,6 @@ fn nameserver(
     if !rc.upstreams.contains(&addr) {
         rc.upstreams.push(addr);
     }
-}
-
-fn is_link_local(ip: Ipv6Addr) -> bool {
-    ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
 #[cfg(test)]
@@ -196,6 +186,14 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// The rejected addresses as text, with their reasons.
+    fn rejected(rc: &ResolvConf) -> Vec<(String, &'static str)> {
+        rc.rejected
+            .iter()
+            .map(|(ip, why)| (ip.to_string(), *why))
+            .collect()
     }
 
     #[test]
@@ -246,13 +244,8 @@ mod tests {
             &[],
         );
         assert_eq!(rc.upstreams, vec![sa("198.19.255.2:53")]);
-        let reasons: Vec<_> = rc
-            .rejected
-            .iter()
-            .map(|(ip, why)| (ip.to_string(), *why))
-            .collect();
         assert_eq!(
-            reasons,
+            rejected(&rc),
             vec![
                 ("127.0.0.53".to_string(), REASON_LOOPBACK),
                 ("127.1.2.3".to_string(), REASON_LOOPBACK),
@@ -300,13 +293,8 @@ mod tests {
                 SocketAddr::V6(SocketAddrV6::new("fe80::2".parse().unwrap(), 53, 0, 7)),
             ]
         );
-        let reasons: Vec<_> = rc
-            .rejected
-            .iter()
-            .map(|(ip, why)| (ip.to_string(), *why))
-            .collect();
         assert_eq!(
-            reasons,
+            rejected(&rc),
             vec![
                 ("fe80::3".to_string(), REASON_NO_SCOPE),
                 ("fe80::4".to_string(), REASON_BAD_SCOPE),
@@ -336,10 +324,14 @@ mod tests {
     }
 
     #[test]
-    fn the_real_sysfs_lookup_refuses_path_tricks() {
-        assert_eq!(sysfs_ifindex("../../etc"), None);
-        assert_eq!(sysfs_ifindex(""), None);
-        assert_eq!(sysfs_ifindex(".."), None);
+    fn the_real_interface_lookup() {
+        // Every network namespace has a loopback interface.
+        assert!(if_nametoindex("lo").is_some());
+        assert_eq!(if_nametoindex("../../etc"), None);
+        assert_eq!(if_nametoindex(""), None);
+        assert_eq!(if_nametoindex(".."), None);
+        assert_eq!(if_nametoindex("lo\0"), None);
+        assert_eq!(if_nametoindex("a-name-longer-than-ifnamsiz"), None);
     }
 
     #[test]

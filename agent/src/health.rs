@@ -254,8 +254,7 @@ impl Metrics {
             ),
         ];
         for (name, help, kind, value) in &scalars {
-            header(&mut out, name, help, kind);
-            let _ = writeln!(out, "{name} {value}");
+            scalar(&mut out, name, help, kind, value);
         }
         if let Some(dns) = self.dns.get() {
             render_dns(&mut out, dns);
@@ -268,34 +267,31 @@ impl Metrics {
 fn render_dns(out: &mut String, dns: &weft_dns::ClusterDns) {
     let st = &dns.stats;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    header(
-        out,
-        "weft_dns_requests_total",
-        "DNS requests received by the node's cluster DNS server.",
-        "counter",
-    );
-    let _ = writeln!(out, "weft_dns_requests_total {}", get(&st.queries));
-    header(
-        out,
-        "weft_dns_responses_total",
-        "DNS responses with an error rcode, by rcode.",
-        "counter",
-    );
-    for (rcode, c) in [
+    let by_rcode: BTreeMap<String, u64> = [
         ("NXDOMAIN", &st.nxdomain),
         ("SERVFAIL", &st.servfail),
         ("FORMERR", &st.formerr),
         ("NOTIMP", &st.notimp),
         ("REFUSED", &st.refused),
-    ] {
-        let _ = writeln!(
-            out,
-            "weft_dns_responses_total{{rcode=\"{rcode}\"}} {}",
-            get(c)
-        );
-    }
+    ]
+    .into_iter()
+    .map(|(rcode, c)| (rcode.to_string(), get(c)))
+    .collect();
+    labeled_counter(
+        out,
+        "weft_dns_responses_total",
+        "DNS responses with an error rcode, by rcode.",
+        "rcode",
+        &by_rcode,
+    );
     let snap = dns.snapshot();
     let mut scalars: Vec<(&str, &str, &str, u64)> = vec![
+        (
+            "weft_dns_requests_total",
+            "DNS requests received by the node's cluster DNS server.",
+            "counter",
+            get(&st.queries),
+        ),
         (
             "weft_dns_answered_locally_total",
             "Requests answered from the cluster zone without the upstreams.",
@@ -375,9 +371,14 @@ fn render_dns(out: &mut String, dns: &weft_dns::ClusterDns) {
         ]);
     }
     for (name, help, kind, value) in scalars {
-        header(out, name, help, kind);
-        let _ = writeln!(out, "{name} {value}");
+        scalar(out, name, help, kind, value);
     }
+}
+
+/// One unlabeled metric with its header.
+fn scalar(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
+    header(out, name, help, kind);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

@@ -204,6 +204,13 @@ pub fn node_entry(node: &Node) -> NodeEntry {
     }
 }
 
+/// A pod that ran to completion (`Succeeded`/`Failed`): it holds no
+/// address and is no endpoint.
+pub fn pod_terminal(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
 /// The Pod's addresses, primary first: `status.podIPs` when set (podIP is
 /// its first item), else `status.podIP` (older writers set it alone);
 /// unparsable ones and repeats left out.
@@ -237,8 +244,7 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return None;
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
+    if pod_terminal(pod) {
         return None;
     }
     let ips = pod_ips(pod);

@@ -55,22 +55,6 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn pod_ips(pod: &Pod) -> Vec<String> {
-    let Some(st) = &pod.status else { return vec![] };
-    let mut ips: Vec<String> = st
-        .pod_ips
-        .as_ref()
-        .map(|v| v.iter().map(|p| p.ip.clone()).collect())
-        .unwrap_or_default();
-    if ips.is_empty() {
-        if let Some(ip) = &st.pod_ip {
-            ips.push(ip.clone());
-        }
-    }
-    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
-    ips
-}
-
 /// The Pod's port for a Service port: an int targetPort as is, a named one
 /// looked up among the Pod's container ports (same protocol).
 fn resolve_port(pod: &Pod, target: &IntOrString, protocol: &str) -> Option<i32> {
@@ -110,8 +94,7 @@ pub fn reconcile(svc: &Service, pods: &[&Pod], existing: &[&EndpointSlice]) -> S
         if !selector.matches(pod.metadata.labels.as_ref()) {
             continue;
         }
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded") | Some("Failed")) {
+        if crate::compile::pod_terminal(pod) {
             continue;
         }
         let mut ports = Vec::new();
@@ -131,8 +114,9 @@ pub fn reconcile(svc: &Service, pods: &[&Pod], existing: &[&EndpointSlice]) -> S
                 .then(|| s.hostname.clone())
                 .flatten()
         });
-        for ip in pod_ips(pod) {
-            let family = if ip.contains(':') { "IPv6" } else { "IPv4" };
+        for ip in crate::compile::pod_ips(pod) {
+            let family = if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+            let ip = ip.to_string();
             let ep = Endpoint {
                 addresses: vec![ip.clone()],
                 conditions: Some(EndpointConditions {

@@ -1,6 +1,7 @@
 //! Helpers of the push-stream benchmark (`weft-push-bench`): a keep-alive
-//! HTTP/1.1 client, the simulated agents' state, statistics and `/proc`
-//! readers. Kept out of the harness proper so tests do not depend on them.
+//! HTTP/1.1 client, the simulated agents' state; and of every benchmark:
+//! statistics, `/proc` readers, the source revision for reports. Kept out of
+//! the harness proper so tests do not depend on them.
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
@@ -537,7 +538,13 @@ pub fn mib(bytes: f64) -> f64 {
 
 /// A `kB` field of `/proc/<pid>/status` (`pid` may be "self"), in bytes.
 pub fn proc_status_bytes(pid: &str, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    proc_kb_field(pid, "status", key)
+}
+
+/// A `Key: N kB` field of a file under `/proc/<pid>/` (`status`,
+/// `smaps_rollup`), in bytes.
+pub fn proc_kb_field(pid: &str, file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
@@ -585,6 +592,36 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+// ---------------------------------------------------------------- reports
+
+/// For a report: the commit the working tree is at (short hash, date,
+/// subject; backticks replaced, so it fits a code span) and whether the
+/// sources in `dirs` differ from it (all of the tree when `dirs` is empty).
+/// Read at run time, from the current directory.
+pub fn source_revision(dirs: &[&str]) -> String {
+    let head: String = crate::benchnet::run("git", &["log", "-1", "--format=%h %cI %s"])
+        .map(|s| s.trim().replace('`', "'").chars().take(100).collect())
+        .unwrap_or_else(|_| "unknown (not a git checkout)".into());
+    let mut status = vec!["status", "--porcelain", "--"];
+    status.extend_from_slice(dirs);
+    let dirty = crate::benchnet::run("git", &status).is_ok_and(|s| !s.trim().is_empty());
+    if dirty {
+        format!("working tree at `{head}`, {}", changes_in(dirs))
+    } else {
+        format!("working tree at `{head}`")
+    }
+}
+
+/// "with uncommitted changes in a/, b/ or c/".
+fn changes_in(dirs: &[&str]) -> String {
+    let dirs: Vec<String> = dirs.iter().map(|d| format!("{d}/")).collect();
+    match dirs.split_last() {
+        None => "with uncommitted changes".into(),
+        Some((last, [])) => format!("with uncommitted changes in {last}"),
+        Some((last, rest)) => format!("with uncommitted changes in {} or {last}", rest.join(", ")),
+    }
+}
+
 /// A tiny deterministic RNG (xorshift64*), so runs pick the same Services.
 pub struct Rng(u64);
 
@@ -616,6 +653,16 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&v, 1.0), 100.0);
         assert_eq!(percentile(&[7.0], 0.99), 7.0);
+    }
+
+    #[test]
+    fn names_the_changed_directories() {
+        assert_eq!(changes_in(&[]), "with uncommitted changes");
+        assert_eq!(changes_in(&["dns"]), "with uncommitted changes in dns/");
+        assert_eq!(
+            changes_in(&["agent", "model", "ebpf"]),
+            "with uncommitted changes in agent/, model/ or ebpf/"
+        );
     }
 
     #[test]

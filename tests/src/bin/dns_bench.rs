@@ -67,8 +67,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use weft_e2e::bench::{mib, percentile, proc_status_bytes, sorted, Rng};
-use weft_e2e::benchnet;
+use weft_e2e::bench::{
+    mib, percentile, proc_cpu_secs, proc_kb_field, proc_status_bytes, sorted, source_revision, Rng,
+};
+use weft_e2e::{benchnet, TempDir};
 use weft_model::view::{
     Backend, BackendPort, FrontendPort, PodEntry, Protocol, ServiceEntry, ServiceType,
 };
@@ -89,7 +91,19 @@ impl Kind {
             Kind::Knot => "Knot",
         }
     }
+
+    /// Its part of the names of the files written for it.
+    fn tag(self) -> &'static str {
+        match self {
+            Kind::Weft => "weft",
+            Kind::Nsd => "nsd",
+            Kind::Knot => "knot",
+        }
+    }
 }
+
+const NSD: &str = "/usr/sbin/nsd";
+const KNOTD: &str = "/usr/sbin/knotd";
 
 /// How the processes under test are scheduled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -459,7 +473,7 @@ struct Records {
     reverse: BTreeMap<String, Vec<Rr>>,
     /// (owner, type) -> normalized answers ("TYPE rdata").
     index: HashMap<(String, &'static str), BTreeSet<String>>,
-    /// Every owner name in cluster.local (to keep made-up names out of it).
+    /// Every owner name, forward and reverse.
     owners: BTreeSet<String>,
 }
 
@@ -469,17 +483,43 @@ impl Records {
             .entry((rr.owner.clone(), rr.rtype))
             .or_default()
             .insert(format!("{} {}", rr.rtype, rr.rdata));
+        self.owners.insert(rr.owner.clone());
         if rr.owner.ends_with(".in-addr.arpa.") {
             let zone = reverse_zone(&rr.owner);
             self.reverse.entry(zone).or_default().push(rr);
         } else {
-            self.owners.insert(rr.owner.clone());
             self.zone.push(rr);
         }
     }
 
     fn count(&self) -> usize {
         self.zone.len() + self.reverse.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Whether `name` (absolute, lower case) has records or names below it:
+    /// it exists (NODATA rather than NXDOMAIN when the type is missing).
+    fn has_name(&self, name: &str) -> bool {
+        let below = format!(".{name}");
+        self.owners.iter().any(|o| o == name || o.ends_with(&below))
+    }
+
+    /// One `a-b-c-d.<ns>.pod` A record per pod address: the static zone's
+    /// equivalent of weft's `--pods verified`.
+    fn add_pods(&mut self, pods: &[PodEntry]) {
+        for p in pods {
+            for ip in &p.ips {
+                let IpAddr::V4(v4) = ip else { continue };
+                self.push(Rr {
+                    owner: format!(
+                        "{}.{}.pod.{ZONE}.",
+                        v4.to_string().replace('.', "-"),
+                        p.namespace.to_ascii_lowercase()
+                    ),
+                    rtype: "A",
+                    rdata: v4.to_string(),
+                });
+            }
+        }
     }
 }
 
@@ -506,7 +546,8 @@ fn soa_rdata() -> String {
     format!("ns.dns.{ZONE}. hostmaster.{ZONE}. 1 7200 1800 86400 {TTL}")
 }
 
-fn records(services: &[ServiceEntry], pods: Option<&[PodEntry]>) -> Records {
+/// The records of a set of Services (pods: [`Records::add_pods`]).
+fn records(services: &[ServiceEntry]) -> Records {
     let mut r = Records::default();
     let apex = format!("{ZONE}.");
     let ns_name = format!("ns.dns.{ZONE}.");
@@ -630,20 +671,6 @@ fn records(services: &[ServiceEntry], pods: Option<&[PodEntry]>) -> Records {
                     rdata: format!("0 100 {} {svc}", p.port),
                 });
             }
-        }
-    }
-    for p in pods.unwrap_or_default() {
-        for ip in &p.ips {
-            let IpAddr::V4(v4) = ip else { continue };
-            r.push(Rr {
-                owner: format!(
-                    "{}.{}.pod.{ZONE}.",
-                    v4.to_string().replace('.', "-"),
-                    p.namespace.to_ascii_lowercase()
-                ),
-                rtype: "A",
-                rdata: v4.to_string(),
-            });
         }
     }
     r
@@ -772,12 +799,7 @@ fn query_mix(r: &Records, services: &[ServiceEntry], args: &Args) -> anyhow::Res
         nx_names.push(format!("{ext}.{ZONE}."));
     }
     for n in &nx_names {
-        ensure!(
-            !r.owners
-                .iter()
-                .any(|o| o == n || o.ends_with(&format!(".{n}"))),
-            "the made-up name {n} exists in the zone"
-        );
+        ensure!(!r.has_name(n), "the made-up name {n} exists in the zone");
     }
     ensure!(
         !a_names.is_empty() && !srv_names.is_empty() && !ptr_names.is_empty(),
@@ -830,14 +852,12 @@ fn expected(r: &Records, name: &str, rtype: &'static str) -> Expected {
             answers: set.clone(),
         };
     }
-    // A name with other records, or with names below it, exists (NODATA).
-    let exists = r
-        .owners
-        .iter()
-        .any(|o| *o == name || o.ends_with(&format!(".{name}")))
-        || r.index.keys().any(|(o, _)| *o == name);
     Expected {
-        rcode: if exists { "NOERROR" } else { "NXDOMAIN" },
+        rcode: if r.has_name(&name) {
+            "NOERROR"
+        } else {
+            "NXDOMAIN"
+        },
         answers: BTreeSet::new(),
     }
 }
@@ -961,13 +981,7 @@ fn cpu_secs(pid: i32) -> f64 {
     if any {
         return ns as f64 / 1e9;
     }
-    stat_fields(pid)
-        .and_then(|f| {
-            let ut: f64 = f.get(11)?.parse().ok()?;
-            let st: f64 = f.get(12)?.parse().ok()?;
-            Some((ut + st) / 100.0)
-        })
-        .unwrap_or(0.0)
+    proc_cpu_secs(&pid.to_string()).unwrap_or(0.0)
 }
 
 /// CPU seconds of the children waited for so far (user + system).
@@ -1135,27 +1149,19 @@ impl Server {
         self.live().into_iter().map(cpu_secs).sum()
     }
 
-    /// (VmRSS sum, VmHWM max, Pss sum) over the tree, bytes; and the number of processes.
-    fn memory(&self) -> (u64, u64, u64, usize) {
+    fn memory(&self) -> Memory {
         let live = self.live();
-        let mut rss = 0;
-        let mut hwm = 0;
-        let mut pss = 0;
+        let mut m = Memory {
+            processes: live.len(),
+            ..Memory::default()
+        };
         for p in &live {
             let p = p.to_string();
-            rss += proc_status_bytes(&p, "VmRSS").unwrap_or(0);
-            hwm = hwm.max(proc_status_bytes(&p, "VmHWM").unwrap_or(0));
-            pss += std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("Pss:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0)
-                * 1024;
+            m.rss += proc_status_bytes(&p, "VmRSS").unwrap_or(0);
+            m.hwm = m.hwm.max(proc_status_bytes(&p, "VmHWM").unwrap_or(0));
+            m.pss += proc_kb_field(&p, "smaps_rollup", "Pss").unwrap_or(0);
         }
-        (rss, hwm, pss, live.len())
+        m
     }
 
     fn log_tail(&self) -> String {
@@ -1218,36 +1224,16 @@ impl Drop for Server {
     }
 }
 
-/// A child (dnsperf, dig) killed if still running when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// A directory removed (with its contents) when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!("wdb{}", std::process::id()));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Memory of a server's processes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    /// VmRSS, summed over the processes; bytes.
+    rss: u64,
+    /// The largest process's VmHWM; bytes.
+    hwm: u64,
+    /// Pss, summed (pages shared between the processes counted once); bytes.
+    pss: u64,
+    processes: usize,
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1.
@@ -1279,9 +1265,8 @@ fn start(
     sched: Sched,
 ) -> anyhow::Result<Server> {
     let port = free_port()?;
-    let dir = f.dir;
-    let tag = f.tag;
-    let log = dir.join(format!("{tag}-{}.log", kind.label().to_lowercase()));
+    let dir = f.dir.display();
+    let log = f.dir.join(format!("{}-{}.log", f.tag, kind.tag()));
     let mut cmd = match kind {
         Kind::Weft => {
             let mut c = Command::new(weft_bin);
@@ -1294,37 +1279,29 @@ fn start(
             c
         }
         Kind::Nsd => {
-            let run = dir.join(format!("{tag}-nsd"));
-            std::fs::create_dir_all(&run)?;
-            let mut conf = format!(
-                "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{r}/nsd.pid\"\n  database: \"\"\n  xfrdfile: \"{r}/xfrd.state\"\n  zonelistfile: \"{r}/zone.list\"\n  xfrdir: \"{r}\"\n  verbosity: 0\n  do-ip6: no\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\n",
-                d = dir.display(),
-                r = run.display()
-            );
-            for (zone, file) in f.zones {
-                write!(conf, "zone:\n  name: \"{zone}\"\n  zonefile: \"{file}\"\n")?;
-            }
-            let path = dir.join(format!("{tag}-nsd.conf"));
-            std::fs::write(&path, conf)?;
-            let mut c = Command::new("/usr/sbin/nsd");
-            c.arg("-d").arg("-c").arg(&path);
+            let conf = peer_conf(
+                f,
+                kind,
+                |r| {
+                    format!("server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{dir}\"\n  pidfile: \"{r}/nsd.pid\"\n  database: \"\"\n  xfrdfile: \"{r}/xfrd.state\"\n  zonelistfile: \"{r}/zone.list\"\n  xfrdir: \"{r}\"\n  verbosity: 0\n  do-ip6: no\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\n")
+                },
+                |zone, file| format!("zone:\n  name: \"{zone}\"\n  zonefile: \"{file}\"\n"),
+            )?;
+            let mut c = Command::new(NSD);
+            c.arg("-d").arg("-c").arg(conf);
             c
         }
         Kind::Knot => {
-            let run = dir.join(format!("{tag}-knot"));
-            std::fs::create_dir_all(&run)?;
-            let mut conf = format!(
-                "server:\n    rundir: \"{r}\"\n    pidfile: \"{r}/knot.pid\"\n    listen: 127.0.0.1@{port}\n    udp-workers: 1\n    tcp-workers: 1\n    background-workers: 1\nlog:\n  - target: stderr\n    any: warning\ndatabase:\n    storage: \"{r}/db\"\ncontrol:\n    listen: \"{r}/knot.sock\"\ntemplate:\n  - id: default\n    storage: \"{d}\"\n    zonefile-sync: -1\n    zonefile-load: whole\n    journal-content: none\n    semantic-checks: off\nzone:\n",
-                d = dir.display(),
-                r = run.display()
-            );
-            for (zone, file) in f.zones {
-                write!(conf, "  - domain: {zone}\n    file: \"{file}\"\n")?;
-            }
-            let path = dir.join(format!("{tag}-knot.conf"));
-            std::fs::write(&path, conf)?;
-            let mut c = Command::new("/usr/sbin/knotd");
-            c.arg("-c").arg(&path);
+            let conf = peer_conf(
+                f,
+                kind,
+                |r| {
+                    format!("server:\n    rundir: \"{r}\"\n    pidfile: \"{r}/knot.pid\"\n    listen: 127.0.0.1@{port}\n    udp-workers: 1\n    tcp-workers: 1\n    background-workers: 1\nlog:\n  - target: stderr\n    any: warning\ndatabase:\n    storage: \"{r}/db\"\ncontrol:\n    listen: \"{r}/knot.sock\"\ntemplate:\n  - id: default\n    storage: \"{dir}\"\n    zonefile-sync: -1\n    zonefile-load: whole\n    journal-content: none\n    semantic-checks: off\nzone:\n")
+                },
+                |zone, file| format!("  - domain: {zone}\n    file: \"{file}\"\n"),
+            )?;
+            let mut c = Command::new(KNOTD);
+            c.arg("-c").arg(conf);
             c
         }
     };
@@ -1345,6 +1322,26 @@ fn start(
         repinned: Vec::new(),
         stopped: false,
     })
+}
+
+/// Write NSD's or Knot's configuration to `<tag>-<server>.conf` in the
+/// files' directory: `head` (given the server's state directory,
+/// `<tag>-<server>/`) and `entry(zone, file)` per zone. Returns its path.
+fn peer_conf(
+    f: &Files,
+    kind: Kind,
+    head: impl FnOnce(std::path::Display) -> String,
+    entry: impl Fn(&str, &str) -> String,
+) -> anyhow::Result<PathBuf> {
+    let run = f.dir.join(format!("{}-{}", f.tag, kind.tag()));
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    let mut conf = head(run.display());
+    for (zone, file) in f.zones {
+        conf.push_str(&entry(zone, file));
+    }
+    let path = f.dir.join(format!("{}-{}.conf", f.tag, kind.tag()));
+    std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 // ---------------------------------------------------------------- a tiny DNS client
@@ -1410,6 +1407,15 @@ fn wait_ready(
 
 // ---------------------------------------------------------------- dig checks
 
+/// A query every server answers through dig before timing.
+struct CheckQuery {
+    name: String,
+    rtype: &'static str,
+    /// The query kind's label, or "other".
+    kind: &'static str,
+    want: Expected,
+}
+
 /// Answers of one server to the check queries, compared with the records.
 #[derive(Default)]
 struct Check {
@@ -1418,19 +1424,15 @@ struct Check {
     /// First mismatches, described.
     wrong: Vec<String>,
     /// Per query kind: (asked, right).
-    by_kind: BTreeMap<String, (usize, usize)>,
+    by_kind: BTreeMap<&'static str, (usize, usize)>,
 }
 
 /// Ask every check query through one `dig -f` batch; compare.
-fn dig_check(
-    s: &Server,
-    dir: &Path,
-    checks: &[(String, &'static str, String, Expected)],
-) -> anyhow::Result<Check> {
-    let batch = dir.join(format!("check-{}.txt", s.kind.label().to_lowercase()));
+fn dig_check(s: &Server, dir: &Path, checks: &[CheckQuery]) -> anyhow::Result<Check> {
+    let batch = dir.join(format!("check-{}.txt", s.kind.tag()));
     let mut text = String::new();
-    for (name, rtype, _, _) in checks {
-        writeln!(text, "{name} {rtype}")?;
+    for q in checks {
+        writeln!(text, "{} {}", q.name, q.rtype)?;
     }
     std::fs::write(&batch, text)?;
     let out = Command::new("dig")
@@ -1494,10 +1496,16 @@ fn dig_check(
         }
     }
     let mut c = Check::default();
-    for (name, rtype, kind, want) in checks {
+    for CheckQuery {
+        name,
+        rtype,
+        kind,
+        want,
+    } in checks
+    {
         c.asked += 1;
         let k = (name.to_ascii_lowercase(), rtype.to_string());
-        let entry = c.by_kind.entry(kind.clone()).or_default();
+        let entry = c.by_kind.entry(kind).or_default();
         entry.0 += 1;
         let want_answers: BTreeSet<String> = want
             .answers
@@ -1539,7 +1547,7 @@ struct Perf {
     lost: u64,
     rcodes: Vec<(String, u64)>,
     avg_ms: f64,
-    /// Per-query latencies (ms), with `-v`.
+    /// Per-query latencies (ms), with `-v`; sorted.
     latencies: Vec<f64>,
     /// Server tree CPU, in cores (1.0 = one CPU all the time).
     server_cores: f64,
@@ -1557,6 +1565,23 @@ struct PerfSetup<'a> {
     client_cpu: usize,
     server_cpu: usize,
     sched: Sched,
+}
+
+impl PerfSetup<'_> {
+    /// A run of [`dnsperf`] after moving back any thread of the server
+    /// found on another CPU (Knot pins a worker to CPU 0 itself) and a
+    /// second's pause.
+    fn run(
+        &self,
+        s: &mut Server,
+        secs: u64,
+        outstanding: usize,
+        rate: Option<u64>,
+    ) -> anyhow::Result<Perf> {
+        s.pin_all(self.server_cpu)?;
+        std::thread::sleep(Duration::from_secs(1));
+        dnsperf(self, s, secs, outstanding, rate)
+    }
 }
 
 fn dnsperf(
@@ -1586,16 +1611,13 @@ fn dnsperf(
     let kids0 = children_cpu();
     let t0 = cpu_times();
     let w0 = Instant::now();
-    let child = cmd
-        .spawn()
+    let status = cmd
+        .status()
         .context("running dnsperf (`cargo xtask setup`)")?;
-    let mut guard = KillOnDrop(child);
-    let status = guard.0.wait().context("waiting for dnsperf")?;
     let wall = w0.elapsed().as_secs_f64();
     let cpu1 = s.cpu();
     let t1 = cpu_times();
     let kids1 = children_cpu();
-    drop(guard);
     if !status.success() {
         bail!(
             "dnsperf against {} failed ({status}): {}",
@@ -1656,6 +1678,7 @@ fn dnsperf(
         }
     }
     let _ = std::fs::remove_file(&out_path);
+    perf.latencies.sort_by(f64::total_cmp);
     ensure!(
         perf.completed > 0,
         "dnsperf against {} completed no query",
@@ -1665,30 +1688,6 @@ fn dnsperf(
 }
 
 // ---------------------------------------------------------------- main
-
-/// Source revision of the working tree, for the report.
-fn source_revision() -> String {
-    let head = benchnet::run("git", &["log", "-1", "--format=%h %cI %s"])
-        .map(|s| {
-            s.trim()
-                .replace('`', "'")
-                .chars()
-                .take(100)
-                .collect::<String>()
-        })
-        .unwrap_or_else(|_| "unknown (not a git checkout)".into());
-    let dirty = benchnet::run("git", &["status", "--porcelain", "--", "dns", "model"])
-        .map(|s| !s.trim().is_empty())
-        .unwrap_or(false);
-    format!(
-        "working tree at `{head}`{}",
-        if dirty {
-            ", with uncommitted changes in dns/ or model/"
-        } else {
-            ""
-        }
-    )
-}
 
 fn tool_version(program: &str, args: &[&str]) -> String {
     Command::new(program)
@@ -1715,11 +1714,13 @@ fn tool_version(program: &str, args: &[&str]) -> String {
 struct Result1 {
     check: Check,
     calibration: Vec<Perf>,
+    /// The outstanding limit of its peak runs, from the calibration.
+    outstanding: usize,
     peaks: Vec<Perf>,
     own: Vec<Perf>,
     common: Vec<Perf>,
     ready: Duration,
-    memory: (u64, u64, u64, usize),
+    memory: Memory,
     repinned: Vec<String>,
 }
 
@@ -1737,9 +1738,6 @@ impl Result1 {
                 .collect::<Vec<_>>(),
         )
     }
-    fn outstanding(&self) -> usize {
-        self.peaks.first().map_or(0, |p| p.outstanding)
-    }
     fn valid(&self) -> bool {
         self.check.asked > 0 && self.check.right == self.check.asked
     }
@@ -1750,7 +1748,7 @@ struct MemRow {
     kind: Kind,
     step: String,
     ready: Duration,
-    memory: (u64, u64, u64, usize),
+    memory: Memory,
     repinned: usize,
 }
 
@@ -1774,6 +1772,11 @@ fn choose_outstanding(cal: &[Perf]) -> Option<usize> {
 
 fn median(v: &[f64]) -> f64 {
     percentile(&sorted(v.to_vec()), 0.5)
+}
+
+/// The servers' indices in round `round`'s order: rotated by one each round.
+fn rotation(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |j| (j + round) % n)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -1807,28 +1810,25 @@ fn main() -> anyhow::Result<()> {
         "--load must be in (0, 1]"
     );
     ensure!(!args.servers.is_empty(), "--servers names none");
-    for (tool, what) in [
-        ("dnsperf", "dnsperf"),
-        ("dig", "bind9-dnsutils"),
-        ("/usr/sbin/nsd", "nsd"),
-        ("/usr/sbin/knotd", "knot"),
-    ] {
-        let needed = match tool {
-            "/usr/sbin/nsd" => args.servers.contains(&Kind::Nsd),
-            "/usr/sbin/knotd" => args.servers.contains(&Kind::Knot),
-            _ => true,
-        };
-        if needed
-            && Command::new(tool)
-                .arg("-h")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_err()
-        {
-            bail!("{tool} is needed (Debian package {what}): run `cargo xtask setup`");
-        }
+    let mut tools = vec![("dnsperf", "dnsperf"), ("dig", "bind9-dnsutils")];
+    if args.servers.contains(&Kind::Nsd) {
+        tools.push((NSD, "nsd"));
+    }
+    if args.servers.contains(&Kind::Knot) {
+        tools.push((KNOTD, "knot"));
+    }
+    for (tool, package) in tools {
+        let runs = Command::new(tool)
+            .arg("-h")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        ensure!(
+            runs,
+            "{tool} is needed (Debian package {package}): run `cargo xtask setup`"
+        );
     }
     let weft_bin = match &args.weft_dns {
         Some(p) => p.clone(),
@@ -1864,7 +1864,7 @@ fn main() -> anyhow::Result<()> {
         args.sched
     };
 
-    let tmp = TempDir::new()?;
+    let tmp = TempDir::new("dns-bench");
     let dir = tmp.0.clone();
 
     // The served records, the view, the zones, the queries.
@@ -1874,7 +1874,7 @@ fn main() -> anyhow::Result<()> {
         pods: 0,
         seed: args.seed,
     });
-    let recs = records(&cluster.services, None);
+    let recs = records(&cluster.services);
     let view = dir.join("perf-view.json");
     write_view(&view, &cluster.services, &[])?;
     let zones = write_zones(&dir, &recs, "perf")?;
@@ -1888,15 +1888,19 @@ fn main() -> anyhow::Result<()> {
         w.flush()?;
     }
     // Check queries: the first distinct ones of the file, and the specials.
-    let mut checks: Vec<(String, &'static str, String, Expected)> = Vec::new();
+    let mut checks: Vec<CheckQuery> = Vec::new();
     let mut seen = BTreeSet::new();
     for q in &mix.queries {
         if checks.len() >= args.check {
             break;
         }
         if seen.insert((q.name.clone(), q.rtype)) {
-            let e = expected(&recs, &q.name, q.rtype);
-            checks.push((q.name.clone(), q.rtype, q.kind.label().to_string(), e));
+            checks.push(CheckQuery {
+                name: q.name.clone(),
+                rtype: q.rtype,
+                kind: q.kind.label(),
+                want: expected(&recs, &q.name, q.rtype),
+            });
         }
     }
     let ext = cluster
@@ -1915,15 +1919,15 @@ fn main() -> anyhow::Result<()> {
         specials.push((e, "A"));
     }
     for (name, rtype) in specials {
-        let e = expected(&recs, &name, rtype);
-        checks.push((name, rtype, "other".to_string(), e));
-    }
-    let kinds_count: BTreeMap<QKind, usize> =
-        mix.queries.iter().fold(BTreeMap::new(), |mut m, q| {
-            *m.entry(q.kind).or_default() += 1;
-            m
+        let want = expected(&recs, &name, rtype);
+        checks.push(CheckQuery {
+            name,
+            rtype,
+            kind: "other",
+            want,
         });
-    let expect_nx = checks.iter().filter(|c| c.3.rcode == "NXDOMAIN").count();
+    }
+    let expect_nx = checks.iter().filter(|c| c.want.rcode == "NXDOMAIN").count();
     eprintln!(
         "records: {} Services, {} records ({} in cluster.local, {} reverse zones); {} queries; {} checks ({} NXDOMAIN)",
         cluster.services.len(),
@@ -1951,6 +1955,7 @@ fn main() -> anyhow::Result<()> {
         weft_pods: "disabled",
     };
     // Start every server (idle ones use no CPU), check their answers.
+    // `running` is in the order of `servers`.
     let mut running: Vec<Server> = Vec::new();
     let mut results: BTreeMap<Kind, Result1> = BTreeMap::new();
     for &k in &servers {
@@ -1985,47 +1990,34 @@ fn main() -> anyhow::Result<()> {
         );
         running.push(s);
     }
-    let server = |running: &mut Vec<Server>, k: Kind| -> usize {
-        running.iter().position(|s| s.kind == k).unwrap_or(0)
-    };
 
     // Calibration: the outstanding limit giving the most qps, per server.
-    let mut chosen: BTreeMap<Kind, usize> = BTreeMap::new();
-    for &k in &servers {
-        let i = server(&mut running, k);
-        running[i].pin_all(args.server_cpu)?;
+    for s in &mut running {
+        let res = results.entry(s.kind).or_default();
         for &q in &args.outstanding {
-            std::thread::sleep(Duration::from_secs(1));
-            let p = dnsperf(&perf_setup, &running[i], args.calibrate_secs, q, None)?;
+            let p = perf_setup.run(s, args.calibrate_secs, q, None)?;
             eprintln!(
                 "{:<5} calibrate -q {q:>4}: {:>9.0} qps, lost {}, server {:.0}% of a core",
-                k.label(),
+                s.kind.label(),
                 p.qps,
                 p.lost,
                 p.server_cores * 100.0
             );
-            if let Some(r) = results.get_mut(&k) {
-                r.calibration.push(p);
-            }
+            res.calibration.push(p);
         }
-        let cal = results.get(&k).map_or(&[][..], |r| &r.calibration[..]);
-        chosen.insert(k, choose_outstanding(cal).unwrap_or(args.outstanding[0]));
+        res.outstanding = choose_outstanding(&res.calibration).unwrap_or(args.outstanding[0]);
     }
 
     // Rounds: peaks, then latency at `load` of each server's own peak.
     for round in 0..args.rounds {
-        let order: Vec<Kind> = (0..servers.len())
-            .map(|j| servers[(j + round) % servers.len()])
-            .collect();
-        for &k in &order {
-            let i = server(&mut running, k);
-            running[i].pin_all(args.server_cpu)?;
-            std::thread::sleep(Duration::from_secs(1));
-            let p = dnsperf(&perf_setup, &running[i], args.duration, chosen[&k], None)?;
+        for i in rotation(running.len(), round) {
+            let s = &mut running[i];
+            let res = results.entry(s.kind).or_default();
+            let p = perf_setup.run(s, args.duration, res.outstanding, None)?;
             eprintln!(
                 "round {} {:<5} peak: {:>9.0} qps (-q {}), lost {}, server {:.0}% of a core, dnsperf {:.0}%, CPU{} {:.0}% busy ({:.0}% irq), CPU{} {:.0}% busy ({:.0}% irq)",
                 round + 1,
-                k.label(),
+                s.kind.label(),
                 p.qps,
                 p.outstanding,
                 p.lost,
@@ -2038,37 +2030,26 @@ fn main() -> anyhow::Result<()> {
                 p.client_cpu.busy * 100.0,
                 p.client_cpu.irq * 100.0
             );
-            if let Some(r) = results.get_mut(&k) {
-                r.peaks.push(p);
-            }
+            res.peaks.push(p);
         }
-        for &k in &order {
-            let i = server(&mut running, k);
-            let peak = results[&k].peaks.last().map_or(0.0, |p| p.qps);
+        for i in rotation(running.len(), round) {
+            let s = &mut running[i];
+            let res = results.entry(s.kind).or_default();
+            let peak = res.peaks.last().map_or(0.0, |p| p.qps);
             let rate = ((peak * args.load).round() as u64).max(1);
-            std::thread::sleep(Duration::from_secs(1));
-            let p = dnsperf(
-                &perf_setup,
-                &running[i],
-                args.duration,
-                args.latency_outstanding,
-                Some(rate),
-            )?;
-            let s = sorted(p.latencies.clone());
+            let p = perf_setup.run(s, args.duration, args.latency_outstanding, Some(rate))?;
             eprintln!(
                 "round {} {:<5} at {rate} qps: {:.0} qps done, p50 {:.3} ms, p99 {:.3} ms, lost {}, server {:.0}% of a core, dnsperf {:.0}%",
                 round + 1,
-                k.label(),
+                s.kind.label(),
                 p.qps,
-                percentile(&s, 0.5),
-                percentile(&s, 0.99),
+                percentile(&p.latencies, 0.5),
+                percentile(&p.latencies, 0.99),
                 p.lost,
                 p.server_cores * 100.0,
                 p.client_cores * 100.0
             );
-            if let Some(r) = results.get_mut(&k) {
-                r.own.push(p);
-            }
+            res.own.push(p);
         }
     }
     // One rate for all: `load` x the lowest median peak.
@@ -2079,40 +2060,34 @@ fn main() -> anyhow::Result<()> {
     let common_rate = ((lowest * args.load).round() as u64).max(1);
     if servers.len() > 1 {
         for round in 0..args.rounds {
-            for j in 0..servers.len() {
-                let k = servers[(j + round) % servers.len()];
-                let i = server(&mut running, k);
-                running[i].pin_all(args.server_cpu)?;
-                std::thread::sleep(Duration::from_secs(1));
-                let p = dnsperf(
-                    &perf_setup,
-                    &running[i],
+            for i in rotation(running.len(), round) {
+                let s = &mut running[i];
+                let p = perf_setup.run(
+                    s,
                     args.duration,
                     args.latency_outstanding,
                     Some(common_rate),
                 )?;
-                let s = sorted(p.latencies.clone());
                 eprintln!(
                     "round {} {:<5} at the common {common_rate} qps: p50 {:.3} ms, p99 {:.3} ms, lost {}",
                     round + 1,
-                    k.label(),
-                    percentile(&s, 0.5),
-                    percentile(&s, 0.99),
+                    s.kind.label(),
+                    percentile(&p.latencies, 0.5),
+                    percentile(&p.latencies, 0.99),
                     p.lost
                 );
-                if let Some(r) = results.get_mut(&k) {
-                    r.common.push(p);
-                }
+                results.entry(s.kind).or_default().common.push(p);
             }
         }
     }
-    for s in &running {
-        if let Some(r) = results.get_mut(&s.kind) {
-            r.memory = s.memory();
-            r.repinned = s.repinned.clone();
-        }
+    // Every server's memory before any stops: Pss splits the pages shared
+    // between processes, so stopping one changes the others'.
+    for s in &mut running {
+        let res = results.entry(s.kind).or_default();
+        res.memory = s.memory();
+        res.repinned = std::mem::take(&mut s.repinned);
     }
-    for mut s in running.drain(..) {
+    for mut s in running {
         s.stop();
     }
 
@@ -2127,7 +2102,7 @@ fn main() -> anyhow::Result<()> {
             seed: args.seed,
         });
         let behind: usize = big.services.iter().map(|s| s.backends.len()).sum();
-        let pods: Vec<PodEntry> = big.pods.iter().take(args.memory_pods).cloned().collect();
+        let pods = &big.pods[..big.pods.len().min(args.memory_pods)];
         let mut steps: Vec<(String, bool)> = vec![(
             format!(
                 "{} Services x {} endpoints",
@@ -2158,11 +2133,15 @@ fn main() -> anyhow::Result<()> {
             .find(|s| !s.cluster_ips.is_empty())
             .map(|s| format!("{}.{}.svc.{ZONE}", s.name, s.namespace))
             .context("no ClusterIP Service in the memory set")?;
+        // The steps add to the records: first the Services', then the pods'.
+        let mut r = records(&big.services);
         for (si, (step, with_pods)) in steps.iter().enumerate() {
             let tag = format!("mem{si}");
-            let r = records(&big.services, with_pods.then_some(pods.as_slice()));
+            if *with_pods {
+                r.add_pods(pods);
+            }
             let view = dir.join(format!("{tag}-view.json"));
-            write_view(&view, &big.services, if *with_pods { &pods } else { &[] })?;
+            write_view(&view, &big.services, if *with_pods { pods } else { &[] })?;
             let zones = write_zones(&dir, &r, &tag)?;
             let view_bytes = std::fs::metadata(&view).map(|m| m.len()).unwrap_or(0);
             let zone_bytes: u64 = zones
@@ -2214,13 +2193,13 @@ fn main() -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_secs(2));
                 let memory = s.memory();
                 eprintln!(
-                    "memory {step}, {}: ready in {:.2} s, RSS {:.1} MiB, HWM {:.1} MiB, Pss {:.1} MiB ({} processes)",
+                    "memory {step}, {}: ready in {:.2} s, RSS {}, HWM {}, Pss {} ({} processes)",
                     k.label(),
                     ready.as_secs_f64(),
-                    mib(memory.0 as f64),
-                    mib(memory.1 as f64),
-                    mib(memory.2 as f64),
-                    memory.3
+                    fmt_mib(memory.rss),
+                    fmt_mib(memory.hwm),
+                    fmt_mib(memory.pss),
+                    memory.processes
                 );
                 mem_rows.push(MemRow {
                     kind: k,
@@ -2251,19 +2230,16 @@ fn main() -> anyhow::Result<()> {
     let info = Info {
         sched,
         load_start,
-        revision: source_revision(),
+        revision: source_revision(&["dns", "model"]),
         weft_skipped,
         weft_bin,
         started,
         common_rate,
         lowest,
         mem_info,
-        kinds_count,
-        pool: mix.pool,
-        queries: mix.queries.len(),
-        plan: cluster.plan,
+        mix,
     };
-    let report = report(&args, &info, &cluster.services, &recs, &results, &mem_rows)?;
+    let report = report(&args, &info, &cluster, &recs, &results, &mem_rows)?;
     print!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
@@ -2284,10 +2260,7 @@ struct Info {
     common_rate: u64,
     lowest: f64,
     mem_info: String,
-    kinds_count: BTreeMap<QKind, usize>,
-    pool: BTreeMap<QKind, usize>,
-    queries: usize,
-    plan: AddrPlan,
+    mix: QueryMix,
 }
 
 fn yes(b: bool) -> &'static str {
@@ -2324,6 +2297,10 @@ fn fmt_lat(ms: f64) -> String {
     }
 }
 
+fn fmt_mib(bytes: u64) -> String {
+    format!("{:.1} MiB", mib(bytes as f64))
+}
+
 fn pct(v: f64) -> String {
     if v.is_finite() {
         format!("{:.0}%", v * 100.0)
@@ -2341,31 +2318,41 @@ fn rcodes(p: &Perf) -> String {
         .join(", ")
 }
 
-/// Pooled latency percentiles of some runs: (n, p50, p90, p99, p99.9, max).
-fn pooled(runs: &[Perf]) -> (usize, f64, f64, f64, f64, f64) {
+/// Latency percentiles of some runs pooled, ms.
+struct Pooled {
+    n: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+fn pooled(runs: &[Perf]) -> Pooled {
     let all = sorted(
         runs.iter()
             .flat_map(|p| p.latencies.iter().copied())
             .collect(),
     );
-    (
-        all.len(),
-        percentile(&all, 0.5),
-        percentile(&all, 0.9),
-        percentile(&all, 0.99),
-        percentile(&all, 0.999),
-        all.last().copied().unwrap_or(f64::NAN),
-    )
+    Pooled {
+        n: all.len(),
+        p50: percentile(&all, 0.5),
+        p90: percentile(&all, 0.9),
+        p99: percentile(&all, 0.99),
+        p999: percentile(&all, 0.999),
+        max: all.last().copied().unwrap_or(f64::NAN),
+    }
 }
 
 fn report(
     args: &Args,
     info: &Info,
-    services: &[ServiceEntry],
+    cluster: &Cluster,
     recs: &Records,
     results: &BTreeMap<Kind, Result1>,
     mem: &[MemRow],
 ) -> anyhow::Result<String> {
+    let services = &cluster.services;
     let mut r = benchnet::report_header(
         "weft cluster DNS benchmark (weft-dns vs NSD and Knot)",
         &info.load_start,
@@ -2390,13 +2377,13 @@ fn report(
     if kinds.contains(&Kind::Nsd) {
         versions.push(format!(
             "{} (`server-count: 1`, response rate limiting off)",
-            tool_version("/usr/sbin/nsd", &["-v"])
+            tool_version(NSD, &["-v"])
         ));
     }
     if kinds.contains(&Kind::Knot) {
         versions.push(format!(
             "Knot DNS {} (`udp-workers: 1`, `tcp-workers: 1`, `background-workers: 1`)",
-            tool_version("/usr/sbin/knotd", &["-V"])
+            tool_version(KNOTD, &["-V"])
                 .rsplit(' ')
                 .next()
                 .unwrap_or("")
@@ -2449,29 +2436,35 @@ fn report(
         namespaces.len(),
         args.seed,
         hl.len(),
-        info.plan.describe(),
+        cluster.plan.describe(),
         recs.zone.len(),
         recs.reverse.values().map(Vec::len).sum::<usize>(),
         recs.reverse.len(),
         recs.reverse.keys().cloned().collect::<Vec<_>>().join(", ")
     )?;
-    let kc = |k: QKind| info.kinds_count.get(&k).copied().unwrap_or(0);
-    let pl = |k: QKind| info.pool.get(&k).copied().unwrap_or(0);
+    let queries = info.mix.queries.len();
+    let mut asked: BTreeMap<QKind, usize> = BTreeMap::new();
+    for q in &info.mix.queries {
+        *asked.entry(q.kind).or_default() += 1;
+    }
+    let kc = |k: QKind| asked.get(&k).copied().unwrap_or(0);
+    let share = |k: QKind| kc(k) as f64 * 100.0 / queries as f64;
+    let pl = |k: QKind| info.mix.pool.get(&k).copied().unwrap_or(0);
     writeln!(
         r,
         "Queries: one file of {} lines for every server, looped by dnsperf (no EDNS, RD set): {} A ({:.1}%; {} names: Services and headless endpoint hostnames), {} SRV ({:.1}%; {} named ports), {} PTR ({:.1}%; {} addresses: cluster IPs and headless endpoints), {} NXDOMAIN A ({:.1}%; {} names: missing Services and a pod's `ndots:5` search-path expansions of external names such as `api.github.com.shop.svc.{ZONE}`)  ",
-        info.queries,
+        queries,
         kc(QKind::A),
-        kc(QKind::A) as f64 * 100.0 / info.queries as f64,
+        share(QKind::A),
         pl(QKind::A),
         kc(QKind::Srv),
-        kc(QKind::Srv) as f64 * 100.0 / info.queries as f64,
+        share(QKind::Srv),
         pl(QKind::Srv),
         kc(QKind::Ptr),
-        kc(QKind::Ptr) as f64 * 100.0 / info.queries as f64,
+        share(QKind::Ptr),
         pl(QKind::Ptr),
         kc(QKind::NxDomain),
-        kc(QKind::NxDomain) as f64 * 100.0 / info.queries as f64,
+        share(QKind::NxDomain),
         pl(QKind::NxDomain)
     )?;
     writeln!(
@@ -2492,9 +2485,9 @@ fn report(
 
     // Answers.
     writeln!(r, "Answers checked before timing (`dig +noedns`, one batch per server): rcode and the whole answer set (type and data, TTL aside) against the records written; additional and authority sections not compared.\n")?;
-    let mut kinds_in_check: BTreeSet<String> = BTreeSet::new();
+    let mut kinds_in_check: BTreeSet<&str> = BTreeSet::new();
     for res in results.values() {
-        kinds_in_check.extend(res.check.by_kind.keys().cloned());
+        kinds_in_check.extend(res.check.by_kind.keys());
     }
     write!(r, "| server | right / asked |")?;
     for k in &kinds_in_check {
@@ -2549,8 +2542,8 @@ fn report(
         }
     };
     let cell = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
-    let own_p99 = |x: &Result1| pooled(&x.own).3;
-    let common_p99 = |x: &Result1| pooled(&x.common).3;
+    let own_p99 = |x: &Result1| pooled(&x.own).p99;
+    let common_p99 = |x: &Result1| pooled(&x.common).p99;
     writeln!(
         r,
         "| metric | weft | NSD | Knot | weft / NSD | weft / Knot | target | met? |"
@@ -2559,6 +2552,8 @@ fn report(
     let peak = |x: Option<&Result1>| x.map(Result1::peak);
     let weft_valid = weft.is_some_and(Result1::valid);
     let eff = |x: Option<&Result1>| x.map(Result1::per_cpu);
+    // The most dnsperf completed against any server: with the same query
+    // file and settings it can do at least that.
     let ceiling = results
         .values()
         .flat_map(|x| &x.peaks)
@@ -2629,29 +2624,30 @@ fn report(
             ratio(weft.map(common_p99), knot.map(common_p99)),
         )?;
     }
-    let rss = |x: Option<&Result1>| x.map(|x| x.memory.2 as f64);
+    let pss = |x: Option<&Result1>| x.map(|x| x.memory.pss as f64);
+    let mib_cell = |v: Option<f64>| cell(v, &|b| fmt_mib(b as u64));
     writeln!(
         r,
         "| memory serving the {} Services (Pss of its processes) | {} | {} | {} | {} | {} | | |",
         services.len(),
-        cell(rss(weft), &|b| format!("{:.1} MiB", mib(b))),
-        cell(rss(nsd), &|b| format!("{:.1} MiB", mib(b))),
-        cell(rss(knot), &|b| format!("{:.1} MiB", mib(b))),
-        ratio(rss(weft), rss(nsd)),
-        ratio(rss(weft), rss(knot)),
+        mib_cell(pss(weft)),
+        mib_cell(pss(nsd)),
+        mib_cell(pss(knot)),
+        ratio(pss(weft), pss(nsd)),
+        ratio(pss(weft), pss(knot)),
     )?;
     for step in mem.iter().map(|m| m.step.clone()).collect::<BTreeSet<_>>() {
         let m = |k: Kind| {
             mem.iter()
                 .find(|row| row.kind == k && row.step == step)
-                .map(|row| row.memory.2 as f64)
+                .map(|row| row.memory.pss as f64)
         };
         writeln!(
             r,
             "| memory at {step} (Pss) | {} | {} | {} | {} | {} | | |",
-            cell(m(Kind::Weft), &|b| format!("{:.1} MiB", mib(b))),
-            cell(m(Kind::Nsd), &|b| format!("{:.1} MiB", mib(b))),
-            cell(m(Kind::Knot), &|b| format!("{:.1} MiB", mib(b))),
+            mib_cell(m(Kind::Weft)),
+            mib_cell(m(Kind::Nsd)),
+            mib_cell(m(Kind::Knot)),
             ratio(m(Kind::Weft), m(Kind::Nsd)),
             ratio(m(Kind::Weft), m(Kind::Knot)),
         )?;
@@ -2685,7 +2681,7 @@ fn report(
                 p.lost
             )?;
         }
-        writeln!(r, " `-q {}` |", res.outstanding())?;
+        writeln!(r, " `-q {}` |", res.outstanding)?;
     }
     writeln!(r)?;
 
@@ -2733,7 +2729,14 @@ fn report(
             if runs.is_empty() {
                 continue;
             }
-            let (n, p50, p90, p99, p999, max) = pooled(runs);
+            let Pooled {
+                n,
+                p50,
+                p90,
+                p99,
+                p999,
+                max,
+            } = pooled(runs);
             let rates: Vec<String> = runs
                 .iter()
                 .map(|p| fmt_qps(p.rate.unwrap_or(0) as f64))
@@ -2741,7 +2744,7 @@ fn report(
             let done: Vec<String> = runs.iter().map(|p| fmt_qps(p.qps)).collect();
             let per_round: Vec<String> = runs
                 .iter()
-                .map(|p| fmt_lat(percentile(&sorted(p.latencies.clone()), 0.99)))
+                .map(|p| fmt_lat(percentile(&p.latencies, 0.99)))
                 .collect();
             let lost: u64 = runs.iter().map(|p| p.lost).sum();
             let cores: Vec<String> = runs
@@ -2808,30 +2811,33 @@ fn report(
         "| server | set | ready | processes | VmRSS | VmHWM | **Pss** |"
     )?;
     writeln!(r, "|---|---|---|---|---|---|---|")?;
-    for (k, res) in results {
-        let (rss, hwm, pss, n) = res.memory;
+    let mem_row = |r: &mut String, kind: Kind, set: &str, ready: String, m: &Memory| {
         writeln!(
             r,
-            "| {} | {} Services (timed runs) | {:.0} ms | {n} | {:.1} MiB | {:.1} MiB | **{:.1} MiB** |",
-            k.label(),
-            services.len(),
-            res.ready.as_secs_f64() * 1e3,
-            mib(rss as f64),
-            mib(hwm as f64),
-            mib(pss as f64)
+            "| {} | {set} | {ready} | {} | {} | {} | **{}** |",
+            kind.label(),
+            m.processes,
+            fmt_mib(m.rss),
+            fmt_mib(m.hwm),
+            fmt_mib(m.pss)
+        )
+    };
+    for (k, res) in results {
+        mem_row(
+            &mut r,
+            *k,
+            &format!("{} Services (timed runs)", services.len()),
+            format!("{:.0} ms", res.ready.as_secs_f64() * 1e3),
+            &res.memory,
         )?;
     }
     for m in mem {
-        let (rss, hwm, pss, n) = m.memory;
-        writeln!(
-            r,
-            "| {} | {} | {:.2} s | {n} | {:.1} MiB | {:.1} MiB | **{:.1} MiB** |",
-            m.kind.label(),
-            m.step,
-            m.ready.as_secs_f64(),
-            mib(rss as f64),
-            mib(hwm as f64),
-            mib(pss as f64)
+        mem_row(
+            &mut r,
+            m.kind,
+            &m.step,
+            format!("{:.2} s", m.ready.as_secs_f64()),
+            &m.memory,
         )?;
     }
     writeln!(r)?;
@@ -2844,32 +2850,26 @@ fn report(
     // Notes that follow from the numbers.
     writeln!(r, "Notes from this run:\n")?;
     // dnsperf's own CPU does not show its headroom (it keeps a CPU busy at
-    // any high rate); the most it completed against any server does: with
-    // the same query file and settings it can do at least that.
-    let client_floor = results
-        .values()
-        .flat_map(|x| &x.peaks)
-        .map(|p| p.qps)
-        .fold(0.0, f64::max);
+    // any high rate); `ceiling`, the most it completed, does.
     for (k, res) in results {
         let Some(p) = res.peaks.iter().max_by(|a, b| a.qps.total_cmp(&b.qps)) else {
             continue;
         };
         let sc = &p.server_cpu;
         let others = (sc.busy - p.server_cores - sc.irq - sc.steal).max(0.0);
-        let top = res.peak() >= 0.9 * client_floor;
+        let top = res.peak() >= 0.9 * ceiling;
         let bound = if !top && p.server_cores >= 0.8 {
             format!(
                 "server-bound: it used {:.2} of CPU {} ({} irq on that CPU), while dnsperf with the same file and settings completed up to {} qps against another server in this run",
                 p.server_cores,
                 args.server_cpu,
                 pct(sc.irq),
-                fmt_qps(client_floor)
+                fmt_qps(ceiling)
             )
         } else if top && p.server_cores >= 0.8 {
             format!(
                 "at about the most dnsperf completed against any server in this run ({}), with the server using {:.2} of CPU {} and dnsperf {:.2} of CPU {}: either may be the limit, so {} can do at least this; its qps per server CPU-second, {}, is the fairer comparison",
-                fmt_qps(client_floor),
+                fmt_qps(ceiling),
                 p.server_cores,
                 args.server_cpu,
                 p.client_cores,
@@ -2924,7 +2924,7 @@ fn report(
             let maxima: Vec<f64> = results
                 .values()
                 .flat_map(|x| x.own.iter().chain(&x.common))
-                .map(|p| p.latencies.iter().copied().fold(0.0, f64::max))
+                .map(|p| p.latencies.last().copied().unwrap_or(0.0))
                 .collect();
             let near = maxima
                 .iter()
@@ -2956,7 +2956,7 @@ mod tests {
             pods: 0,
             seed: 1,
         });
-        let r = records(&c.services, None);
+        let r = records(&c.services);
         (c, r)
     }
 

@@ -1,5 +1,10 @@
 //! What the weft-dns fuzz targets share: the handler under test with its
 //! zone, the sources queries come from, and the checks every reply passes.
+//!
+//! The zone is this crate's own: weft-dns's test fixture (`zone::tests`) is
+//! `cfg(test)`, and the targets want more than it has (a reply too big for
+//! UDP, an ExternalName into the zone, kube-dns, dual-stack and shared pod
+//! addresses).
 
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::Name;
@@ -16,11 +21,22 @@ pub const POD: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 9));
 /// A node address: no pod, so no server-side search path.
 pub const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11));
 
-/// The reply to `request`, parsed, after the checks that hold for any input:
-/// only a response or less than a header goes unanswered, nothing is left
-/// pending (there is no forwarder), and a reply parses, is a response, carries
-/// the request's id and fits [`MAX_UDP_PAYLOAD`] over UDP. `None`: dropped.
-pub fn check(request: &[u8], transport: Transport, outcome: Outcome) -> Option<(Message, usize)> {
+/// Ask the handler under test `request` from `src` over `transport`: its
+/// reply, parsed, and the reply's length, after the checks of `check`.
+/// `None`: dropped.
+pub fn respond(request: &[u8], src: IpAddr, transport: Transport) -> Option<(Message, usize)> {
+    check(
+        request,
+        transport,
+        cluster_dns().respond_now(request, src, transport),
+    )
+}
+
+/// The checks that hold for any input: only a response or less than a header
+/// goes unanswered, nothing is left pending (there is no forwarder), and a
+/// reply parses, is a response, carries the request's id and fits
+/// [`MAX_UDP_PAYLOAD`] over UDP.
+fn check(request: &[u8], transport: Transport, outcome: Outcome) -> Option<(Message, usize)> {
     let reply = match outcome {
         Outcome::Reply(reply) => reply,
         Outcome::Drop => {
@@ -59,7 +75,7 @@ pub fn check(request: &[u8], transport: Transport, outcome: Outcome) -> Option<(
 }
 
 /// The handler every target asks, built once per process.
-pub fn cluster_dns() -> &'static ClusterDns {
+fn cluster_dns() -> &'static ClusterDns {
     static DNS: OnceLock<ClusterDns> = OnceLock::new();
     DNS.get_or_init(|| {
         let host_search = vec![Name::from_ascii("corp.example.").expect("a literal name")];
@@ -120,7 +136,7 @@ fn service(ns: &str, name: &str) -> ServiceEntry {
 /// - ops/v6: IPv6-only ClusterIP; kube-system/kube-dns;
 /// - pods: shop/client (the [`POD`] source), a dual-stack pod, and an
 ///   address two pods share (no single namespace).
-pub fn snapshot() -> Snapshot {
+fn snapshot() -> Snapshot {
     let config = ZoneConfig::new(
         "cluster.local",
         5,

@@ -305,9 +305,9 @@ fn installed_components(toolchain: &str) -> Result<Vec<String>> {
     Ok(out.lines().map(|l| l.trim().to_string()).collect())
 }
 
-/// The installed bpf-linker's version line, if it runs.
-fn bpf_linker_version() -> Option<String> {
-    let out = Command::new("bpf-linker")
+/// `program --version`'s output, if it runs.
+fn tool_version(program: &str) -> Option<String> {
+    let out = Command::new(program)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -318,19 +318,14 @@ fn bpf_linker_version() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn has_wanted_linker(version: Option<&str>) -> bool {
-    version.is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+/// Whether a `--version` line names exactly `version`.
+fn has_version(found: Option<&str>, version: &str) -> bool {
+    found.is_some_and(|v| v.split_whitespace().any(|w| w == version))
 }
 
 /// Check (and unless `check`, `cargo install`) bpf-linker at
 /// [`BPF_LINKER_VERSION`], built against Debian's LLVM 22. Returns whether it is in place.
 fn bpf_linker(check: bool, report: &mut Report) -> Result<bool> {
-    let item = format!("bpf-linker {BPF_LINKER_VERSION}");
-    let found = bpf_linker_version();
-    if has_wanted_linker(found.as_deref()) {
-        report.add(State::Ok, item);
-        return Ok(true);
-    }
     let mut install = util::cargo();
     install.env("LLVM_PREFIX", LLVM_PREFIX).args([
         "install",
@@ -343,56 +338,22 @@ fn bpf_linker(check: bool, report: &mut Report) -> Result<bool> {
         "llvm-22",
     ]);
     let llvm = std::path::Path::new(LLVM_PREFIX).join("bin/llvm-config");
-    if check || !llvm.exists() {
-        report.add(State::Missing, item);
-        let have = found.map_or_else(|| "not on PATH".to_string(), |v| format!("found {v}"));
-        let first = if llvm.exists() {
-            String::new()
-        } else {
-            "install llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev (as root), then "
-                .to_string()
-        };
-        eprintln!(
-            "  bpf-linker: {have}; to install: {first}LLVM_PREFIX={LLVM_PREFIX} {}",
-            util::display(&install)
-        );
-        return Ok(false);
-    }
+    let first = (!llvm.exists())
+        .then_some("install llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev (as root)");
     // About 1-2 minutes on two cores.
-    util::run(&mut install)?;
-    let now = bpf_linker_version();
-    if !has_wanted_linker(now.as_deref()) {
-        bail!(
-            "cargo install finished but `bpf-linker --version` gives {} \
-             (is ~/.cargo/bin on PATH, ahead of other bpf-linkers?)",
-            now.as_deref().unwrap_or("nothing")
-        );
-    }
-    report.add(State::Installed, item);
-    Ok(true)
+    cargo_tool(
+        check,
+        report,
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        install,
+        first,
+    )
 }
 
 /// Check (and unless `check`, `cargo install`) cargo-fuzz at
 /// [`CARGO_FUZZ_VERSION`]. Returns whether it is in place.
 fn cargo_fuzz(check: bool, report: &mut Report) -> Result<bool> {
-    let item = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
-    let version = || {
-        Command::new("cargo-fuzz")
-            .arg("--version")
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let wanted =
-        |v: Option<&str>| v.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION));
-    let found = version();
-    if wanted(found.as_deref()) {
-        report.add(State::Ok, item);
-        return Ok(true);
-    }
     let mut install = util::cargo();
     install.args([
         "install",
@@ -401,22 +362,50 @@ fn cargo_fuzz(check: bool, report: &mut Report) -> Result<bool> {
         CARGO_FUZZ_VERSION,
         "--locked",
     ]);
-    if check {
+    // About 1.5 minutes on two cores.
+    cargo_tool(
+        check,
+        report,
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        install,
+        None,
+    )
+}
+
+/// A tool `cargo install`ed at a pinned `version` (a word of its
+/// `--version` line): in place, or installed with `install` — unless
+/// `check`, or unless `first` names what must be installed before it can
+/// build; then it says how to install it. Returns whether it is in place.
+fn cargo_tool(
+    check: bool,
+    report: &mut Report,
+    program: &str,
+    version: &str,
+    mut install: Command,
+    first: Option<&str>,
+) -> Result<bool> {
+    let item = format!("{program} {version}");
+    let found = tool_version(program);
+    if has_version(found.as_deref(), version) {
+        report.add(State::Ok, item);
+        return Ok(true);
+    }
+    if check || first.is_some() {
         report.add(State::Missing, item);
         let have = found.map_or_else(|| "not on PATH".to_string(), |v| format!("found {v}"));
         eprintln!(
-            "  cargo-fuzz: {have}; to install: {}",
-            util::display(&install)
+            "  {program}: {have}; to install: {}",
+            install_hint(&install, first)
         );
         return Ok(false);
     }
-    // About 1.5 minutes on two cores.
     util::run(&mut install)?;
-    let now = version();
-    if !wanted(now.as_deref()) {
+    let now = tool_version(program);
+    if !has_version(now.as_deref(), version) {
         bail!(
-            "cargo install finished but `cargo-fuzz --version` gives {} \
-             (is ~/.cargo/bin on PATH?)",
+            "cargo install finished but `{program} --version` gives {} \
+             (is ~/.cargo/bin on PATH, ahead of any other {program}?)",
             now.as_deref().unwrap_or("nothing")
         );
     }
@@ -424,15 +413,55 @@ fn cargo_fuzz(check: bool, report: &mut Report) -> Result<bool> {
     Ok(true)
 }
 
+/// How to run `install` by hand (with the environment it sets), after `first`.
+fn install_hint(install: &Command, first: Option<&str>) -> String {
+    let first = first.map_or_else(String::new, |f| format!("{f}, then "));
+    let env: String = install
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={} ", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    format!("{first}{env}{}", util::display(install))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn recognises_the_pinned_bpf_linker() {
-        assert!(has_wanted_linker(Some("bpf-linker 0.13.0")));
-        assert!(!has_wanted_linker(Some("bpf-linker 0.13.01")));
-        assert!(!has_wanted_linker(Some("bpf-linker 0.9.15")));
-        assert!(!has_wanted_linker(None));
+    fn recognises_the_pinned_tools() {
+        let linker = |v| has_version(v, BPF_LINKER_VERSION);
+        assert!(linker(Some("bpf-linker 0.13.0")));
+        assert!(!linker(Some("bpf-linker 0.13.01")));
+        assert!(!linker(Some("bpf-linker 0.9.15")));
+        assert!(!linker(None));
+        // What `cargo-fuzz --version` prints.
+        assert!(has_version(Some("cargo-fuzz 0.13.2"), CARGO_FUZZ_VERSION));
+    }
+
+    #[test]
+    fn a_missing_tool_is_only_reported_when_checking_or_blocked() {
+        for (check, first) in [(true, None), (false, Some("install its LLVM"))] {
+            let mut report = Report { lines: Vec::new() };
+            // Running it would fail the call: it must not run.
+            let install = Command::new("false");
+            let ok = cargo_tool(
+                check,
+                &mut report,
+                "weft-no-such-tool",
+                "1.0",
+                install,
+                first,
+            );
+            assert!(!ok.unwrap());
+            assert_eq!(report.missing(), ["weft-no-such-tool 1.0"]);
+        }
+        let mut install = Command::new("cargo");
+        install
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args(["install", "bpf-linker"]);
+        assert_eq!(
+            install_hint(&install, Some("install llvm-22-dev")),
+            "install llvm-22-dev, then LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker"
+        );
     }
 }

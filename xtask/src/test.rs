@@ -155,26 +155,18 @@ pub fn run(no_setup: bool) -> Result<()> {
     }
 
     println!("== fuzz");
-    let failed = match fuzz_smoke() {
-        Ok(Fuzzed::Clean) => {
-            totals.passed += 1;
-            false
-        }
+    match fuzz_smoke() {
+        Ok(Fuzzed::Clean) => totals.passed += 1,
         Ok(Fuzzed::Skipped(why)) => {
             println!("skipped: fuzz: {why}");
             totals.skipped += 1;
-            false
         }
-        Ok(Fuzzed::Failed) => true,
         Err(e) => {
             eprintln!("xtask: step `fuzz` failed: {e:#}");
-            true
+            totals.failed += 1;
+            println!("{}", totals.line());
+            bail!("step `fuzz` failed");
         }
-    };
-    if failed {
-        totals.failed += 1;
-        println!("{}", totals.line());
-        bail!("step `fuzz` failed");
     }
     println!("{}", totals.line());
     Ok(())
@@ -189,16 +181,16 @@ enum Fuzzed {
     Clean,
     /// Could not run here (why).
     Skipped(String),
-    /// libFuzzer stopped on a failing input (reported on stderr).
-    Failed,
 }
 
 /// Drive arbitrary bytes through weft-dns's request path (the `request`
-/// target of dns/fuzz) for [`FUZZ_SECONDS`], from the checked-in seeds. The
-/// pinned stable toolchain runs cargo-fuzz without a sanitizer (`-s none`;
-/// sanitizers need nightly): the code under test is safe Rust, what we look
-/// for are panics and broken replies. New inputs go to a corpus under the
-/// target directory, so the checked-in seeds stay as they are.
+/// target of dns/fuzz) for [`FUZZ_SECONDS`], from the checked-in seeds; the
+/// other targets are built, not run. The pinned stable toolchain runs
+/// cargo-fuzz without a sanitizer (`-s none`; sanitizers need nightly): the
+/// code under test is safe Rust, what we look for are panics and broken
+/// replies. New inputs go to a corpus under the target directory, so the
+/// checked-in seeds stay as they are. A failing input is an error naming its
+/// file and how to replay it.
 fn fuzz_smoke() -> Result<Fuzzed> {
     let fuzz_dir = util::root().join("dns/fuzz");
     // A workspace of its own: `cargo fmt --all` does not reach it.
@@ -226,11 +218,11 @@ fn fuzz_smoke() -> Result<Fuzzed> {
         cmd.args(["fuzz", sub, "--fuzz-dir"])
             .arg(&fuzz_dir)
             .args(["--sanitizer", "none", "--target-dir"])
-            .arg(&work)
-            .arg("request");
+            .arg(&work);
         cmd
     };
 
+    // Every target, so that one not run here still has to compile.
     let started = Instant::now();
     util::run(&mut cargo_fuzz("build"))?;
     println!("fuzz: built in {} s", started.elapsed().as_secs());
@@ -242,7 +234,8 @@ fn fuzz_smoke() -> Result<Fuzzed> {
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let mut run = cargo_fuzz("run");
-    run.arg(&corpus)
+    run.arg("request")
+        .arg(&corpus)
         .arg(fuzz_dir.join("corpus/request"))
         .arg("--")
         .arg(format!("-max_total_time={FUZZ_SECONDS}"))
@@ -273,16 +266,22 @@ fn fuzz_smoke() -> Result<Fuzzed> {
             log.display()
         );
     }
+    let shown = |p: &Path| {
+        p.strip_prefix(util::root())
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    };
     for input in &found {
-        let shown = input.strip_prefix(util::root()).unwrap_or(input);
         eprintln!(
             "xtask: fuzz: failing input {}; reproduce with: cargo fuzz run \
-             --fuzz-dir dns/fuzz -s none --target-dir target/fuzz request {}",
-            shown.display(),
-            shown.display()
+             --fuzz-dir dns/fuzz -s none --target-dir {} request {}",
+            shown(input),
+            shown(&work),
+            shown(input)
         );
     }
-    Ok(Fuzzed::Failed)
+    bail!("libFuzzer found {} failing input(s)", found.len())
 }
 
 /// The part of a failed run's log worth reading: from the panic (or
